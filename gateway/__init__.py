@@ -1,0 +1,1 @@
+"""The MQTT service around the policy core: hellos in, decisions out."""

@@ -1,0 +1,250 @@
+"""The gateway's seam over its MQTT client library (gmqtt).
+
+Everything the service needs from MQTT is here and nowhere else: connect
+with a persistent session and a last will, receive QoS 1 messages whose
+PUBACK waits for our handler, publish with a bounded in-flight window,
+and reconnect with capped, jittered backoff.
+
+Why gmqtt: with MQTT 5 and ``optimistic_acknowledgement=False`` it sends
+the PUBACK for an inbound QoS 1 message only when the async handler
+returns, so a hello is acknowledged after its decision is durable, and
+the broker's in-flight limit towards us becomes back-pressure. It does
+not, however, hold back our own QoS 1 publishes while earlier ones are
+unacknowledged (it runs out of packet ids), so :class:`_Window` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gmqtt
+import structlog
+from gmqtt.mqtt.constants import UNLIMITED_RECONNECTS, MQTTv50
+from gmqtt.storage import PersistentStorage
+
+log = structlog.get_logger("gateway.mqtt")
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One received message, with the MQTT 5 properties the gateway honours."""
+
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    duplicate: bool = False
+
+
+Handler = Callable[[Inbound], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with full jitter between half and all of it."""
+
+    base: float = 0.2
+    cap: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.cap, self.base * 2 ** min(attempt, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class _Window(PersistentStorage):  # type: ignore[misc]
+    """gmqtt's store of unacknowledged publishes, counting a bounded window."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self._free = asyncio.Event()
+        self._free.set()
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        if len(self._messages) >= self.size:
+            self._free.clear()
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        if len(self._messages) < self.size:
+            self._free.set()
+
+    async def slot(self) -> None:
+        await self._free.wait()
+
+
+class _Client(gmqtt.Client):  # type: ignore[misc]
+    """gmqtt's client with our backoff on every reconnect path."""
+
+    backoff = Backoff()
+    attempts = 0
+
+    async def reconnect(self, delay: bool = False) -> None:
+        if delay:
+            self.reconnect_delay = self.backoff.delay(self.attempts)
+            self.attempts += 1
+        await super().reconnect(delay=delay)
+
+
+class Mqtt:
+    """One MQTT 5 connection of the gateway, as an async context manager.
+
+    ``on_connected`` runs after every successful (re)connect, to subscribe
+    and to republish what must be current.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        host: str,
+        port: int,
+        handler: Handler,
+        on_connected: Callable[[], Awaitable[None]],
+        *,
+        will: tuple[str, bytes] | None = None,
+        persistent: bool = True,
+        credentials: tuple[str, str] | None = None,
+        receive_maximum: int = 1000,
+        window: int = 1000,
+        keepalive: int = 30,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self._host, self._port, self._keepalive = host, port, keepalive
+        self._handler = handler
+        self._on_connected = on_connected
+        self._window = _Window(window)
+        self._connected = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        will_message = None
+        if will is not None:
+            will_message = gmqtt.Message(will[0], will[1], qos=1, retain=True)
+        self._client = _Client(
+            client_id,
+            clean_session=not persistent,
+            optimistic_acknowledgement=False,
+            will_message=will_message,
+            persistent_storage=self._window,
+            session_expiry_interval=0xFFFFFFFF if persistent else 0,
+            receive_maximum=receive_maximum,
+        )
+        self._client.backoff = backoff
+        self._client.set_config({"reconnect_retries": UNLIMITED_RECONNECTS})
+        if credentials is not None:
+            self._client.set_auth_credentials(*credentials)
+        self._client.on_message = self._on_message
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def __aenter__(self) -> Mqtt:
+        attempt = 0
+        while True:
+            try:
+                await self._client.connect(
+                    self._host, self._port, keepalive=self._keepalive, version=MQTTv50
+                )
+            except (OSError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
+                delay = self._client.backoff.delay(attempt)
+                attempt += 1
+                log.warning("broker unreachable", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+            else:
+                break
+        await self._connected.wait()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Wait briefly for unacknowledged publishes, then disconnect."""
+        if self._client.is_connected:
+            try:
+                await asyncio.wait_for(self._window.wait_empty(), timeout=5)
+            except TimeoutError:
+                log.warning("closing with publishes unacknowledged")
+        self._connected.clear()
+        await self._client.disconnect()
+        self._connected.clear()
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        correlation: bytes | None = None,
+    ) -> None:
+        """Send a QoS 1 publish once the in-flight window has room.
+
+        Returns when the publish is handed to the connection, not when the
+        broker acknowledges it; unacknowledged publishes are resent after a
+        reconnect.
+        """
+        await self._window.slot()
+        await self._connected.wait()
+        properties: dict[str, Any] = {}
+        if correlation is not None:
+            properties["correlation_data"] = correlation
+        self._client.publish(topic, payload, qos=1, retain=retain, **properties)
+
+    def subscribe(self, *topics: str) -> None:
+        self._client.subscribe(
+            [gmqtt.Subscription(t, qos=1, retain_handling_options=2) for t in topics]
+        )
+
+    async def _on_message(
+        self,
+        client: gmqtt.Client,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        properties: dict[str, Any],
+    ) -> int:
+        response = properties.get("response_topic")
+        correlation = properties.get("correlation_data")
+        message = Inbound(
+            topic,
+            payload,
+            response[0] if response else None,
+            correlation[0] if correlation else None,
+            bool(properties.get("dup")),
+        )
+        await self._handler(message)
+        return 0
+
+    def _on_connect(
+        self, client: gmqtt.Client, flags: int, rc: int, properties: Any
+    ) -> None:
+        if self._client.attempts or self.reconnects:
+            self.reconnects += 1
+        self._client.attempts = 0
+        self._connected.set()
+        log.info("broker connected", session_present=bool(flags))
+        task = asyncio.ensure_future(self._on_connected())
+        self._tasks.add(task)
+        task.add_done_callback(self._connected_done)
+
+    def _connected_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("after-connect work failed", exc_info=task.exception())
+
+    def _on_disconnect(
+        self, client: gmqtt.Client, packet: Any, exc: Any = None
+    ) -> None:
+        if self._connected.is_set():
+            log.warning("broker connection lost")
+        self._connected.clear()

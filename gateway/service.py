@@ -1,0 +1,493 @@
+"""The gateway: hellos in, durable decisions, replies and presence out.
+
+How it works. The MQTT handler validates each message and queues it with
+a future, without awaiting anything first, so the queue keeps the order
+in which the broker delivered the hellos. One task, the decider, owns all
+state: it takes a batch from the queue, decides every message of it
+through the policy core at one ``now``, writes the batch's events in one
+transaction, then publishes the replies and presence and resolves the
+futures. Only then do the handlers return, and only then does the MQTT
+client send their PUBACKs: a hello the gateway acknowledged has a durable
+decision, and one it did not is delivered again by the broker.
+
+The decider also wakes at the core's next deadline (a lease running out,
+a license instant) and every ``poll_seconds`` to see whether the admin
+tool changed a tenant's licenses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from gateway import protocol
+from gateway.config import Settings
+from gateway.mqtt import Inbound, Mqtt
+from gateway.protocol import Goodbye, Heartbeat, Hello
+from policy.admission import (
+    Admission,
+    Cause,
+    Event,
+    Joined,
+    Left,
+    Outcome,
+    Reason,
+    SeatChanged,
+    Verdict,
+)
+from policy.store import Store
+from policy.timeutil import to_text
+
+log = structlog.get_logger("gateway")
+
+Clock = Callable[[], datetime]
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _Item:
+    """One validated message waiting for the decider."""
+
+    kind: str
+    tenant: str
+    router: str
+    message: Hello | Heartbeat | Goodbye
+    inbound: Inbound
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Batch:
+    events: list[Event] = field(default_factory=list)
+    replies: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
+
+
+class Gateway:
+    """The service; :meth:`run` until ``stop`` is set."""
+
+    def __init__(
+        self, settings: Settings, store: Store, clock: Clock = system_clock
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.admission = Admission(
+            timedelta(seconds=settings.lease_seconds),
+            timedelta(seconds=settings.grace_seconds),
+        )
+        self.bad_input: Counter[str] = Counter()
+        self.decisions: Counter[str] = Counter()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._mqtt: Mqtt | None = None
+        self._logged: set[tuple[str, str]] = set()
+        self._change_seq = 0
+        self._version = -1
+        self._next_poll = 0.0
+        self._startup: list[Event] = []
+        self._published_once = False
+        self.ready = asyncio.Event()
+        """Set once subscribed and announced; the retained status says so too."""
+
+    # -- life cycle ------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Load the store, connect, decide until ``stop``, then drain and leave."""
+        await self._load()
+        prefix, gid = self.settings.prefix, self.settings.gateway_id
+        status = protocol.status_topic(prefix, gid)
+        offline = protocol.GatewayStatus(gateway=gid, state="offline")
+        credentials = None
+        if self.settings.broker_username is not None:
+            credentials = (
+                self.settings.broker_username,
+                self.settings.broker_password or "",
+            )
+        self._mqtt = Mqtt(
+            self.settings.client_id,
+            self.settings.broker_host,
+            self.settings.broker_port,
+            self._on_message,
+            self._on_connected,
+            will=(status, offline.model_dump_json().encode()),
+            credentials=credentials,
+            receive_maximum=self.settings.receive_maximum,
+            window=self.settings.publish_window,
+        )
+        async with self._mqtt:
+            await self._decide_until(stop)
+            await self._publish(status, offline, retain=True)
+        log.info("gateway stopped", decisions=dict(self.decisions))
+
+    async def _load(self) -> None:
+        now = self.clock()
+        events: list[Event] = []
+        for tenant in await self.store.tenants():
+            licenses = await self.store.licenses(tenant.id)
+            states = await self.store.license_states(tenant.id)
+            events += self.admission.load_tenant(
+                tenant.id, licenses, states, now
+            ).events
+        for (tenant_id, router), epoch in (await self.store.epochs()).items():
+            self.admission.note_epoch(tenant_id, router, epoch)
+        events += self.admission.restore(await self.store.places(), now).events
+        await self.store.apply(events, now)
+        self._startup = events
+        self._version = await self.store.poll_version()
+        self._change_seq, _ = await self.store.changes_after(0)
+        log.info(
+            "state loaded",
+            tenants=len(self.admission.lines),
+            in_line=sum(len(line) for line in self.admission.lines.values()),
+            reconciled=sum(isinstance(e, SeatChanged) for e in events),
+        )
+
+    async def _on_connected(self) -> None:
+        """Subscribe, announce ourselves, and make presence current.
+
+        The broker handles one client's packets in order, so once a consumer
+        sees the retained ``online`` status, the subscriptions are in place.
+        """
+        assert self._mqtt is not None
+        prefix = self.settings.prefix
+        self._mqtt.subscribe(*(f"{prefix}/+/+/{kind}" for kind in protocol.INBOUND))
+        since = to_text(self.clock())
+        status = protocol.GatewayStatus(
+            gateway=self.settings.gateway_id, state="online", since=since
+        )
+        await self._publish(
+            protocol.status_topic(prefix, self.settings.gateway_id), status, retain=True
+        )
+        if not self._published_once:
+            self._published_once = True
+            await self._republish_presence()
+        self.ready.set()
+
+    async def _republish_presence(self) -> None:
+        """Publish every known router's presence from the stored state."""
+        now = self.clock()
+        for tenant in list(self.admission.lines):
+            for row in await self.store.routers(tenant):
+                state = row.state
+                await self._publish_presence(
+                    tenant, row.router, state, row.epoch, "restart", now
+                )
+        for event in self._startup:
+            if isinstance(event, SeatChanged):
+                await self._notify(event.verdict, event.cause, now)
+        self._startup = []
+
+    # -- receiving ---------------------------------------------------------
+
+    async def _on_message(self, inbound: Inbound) -> None:
+        """Validate and queue; returns once the decision is durable."""
+        item = self._parse(inbound)
+        if item is None:
+            return
+        self._queue.put_nowait(item)
+        await item.done
+
+    def _parse(self, inbound: Inbound) -> _Item | None:
+        parts = protocol.split_topic(self.settings.prefix, inbound.topic)
+        if parts is None:
+            self._bad("topic", "-", inbound.topic)
+            return None
+        tenant, router, kind = parts
+        problem, message = self._validate(kind, inbound.payload)
+        if message is None:
+            label = "oversized" if problem.startswith("payload of") else "malformed"
+            self._bad(label, tenant, router, problem)
+            if kind == "hello":
+                self._refuse(tenant, router, Reason.MALFORMED_HELLO, inbound, problem)
+            return None
+        if message.tenant not in (None, tenant) or message.router not in (None, router):
+            self._bad("topic_mismatch", tenant, router)
+            if kind == "hello":
+                detail = "tenant or router in the payload differs from the topic"
+                self._refuse(tenant, router, Reason.TOPIC_MISMATCH, inbound, detail)
+            return None
+        done = asyncio.get_running_loop().create_future()
+        return _Item(kind, tenant, router, message, inbound, done)
+
+    @staticmethod
+    def _validate(
+        kind: str, payload: bytes
+    ) -> tuple[str, Hello | Heartbeat | Goodbye | None]:
+        if len(payload) > protocol.MAX_PAYLOAD:
+            return f"payload of {len(payload)} bytes over {protocol.MAX_PAYLOAD}", None
+        model = protocol.INBOUND_MODELS[kind]
+        try:
+            message = model.model_validate_json(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            return f"{where}: {first['msg']}", None
+        assert isinstance(message, Hello | Heartbeat | Goodbye)
+        return "", message
+
+    def _bad(self, kind: str, tenant: str, router: str, detail: str = "") -> None:
+        """Count bad input by kind, and log each kind once per sender."""
+        self.bad_input[kind] += 1
+        key = (kind, f"{tenant}/{router}")
+        if key not in self._logged:
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+            self._logged.add(key)
+            log.warning(
+                "bad input", kind=kind, detail=detail, tenant=tenant, router=router
+            )
+
+    def _refuse(
+        self, tenant: str, router: str, reason: Reason, inbound: Inbound, detail: str
+    ) -> None:
+        """Reject a hello that never reaches the decider (nothing to store)."""
+        now = self.clock()
+        ref = _ref_of(inbound.payload)
+        reply = protocol.refusal(tenant, router, reason, now, ref, detail or None)
+        topic = self._reply_topic(tenant, router, inbound)
+        task = asyncio.ensure_future(
+            self._send(topic, reply.model_dump_json().encode(), inbound.correlation)
+        )
+        task.add_done_callback(lambda t: t.exception())
+
+    # -- deciding ----------------------------------------------------------------
+
+    async def _decide_until(self, stop: asyncio.Event) -> None:
+        stopping: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
+        try:
+            while not (stop.is_set() and self._queue.empty()):
+                batch = await self._next_batch(stopping)
+                await self._decide(batch)
+        finally:
+            stopping.cancel()
+
+    async def _next_batch(self, stopping: asyncio.Future[bool]) -> list[_Item]:
+        """Wait for work (or a deadline), then take what is queued, in order."""
+        batch: list[_Item] = []
+        if self._queue.empty() and not stopping.done():
+            getter = asyncio.ensure_future(self._queue.get())
+            waiting: set[asyncio.Future[object]] = {getter, stopping}  # type: ignore[arg-type]
+            await asyncio.wait(
+                waiting,
+                timeout=self._idle_timeout(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if getter.done():
+                batch.append(getter.result())
+            else:
+                getter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await getter
+        while not self._queue.empty() and len(batch) < self.settings.batch_max:
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    def _idle_timeout(self) -> float:
+        loop_now = asyncio.get_running_loop().time()
+        timeout = max(0.0, self._next_poll - loop_now)
+        deadline = self.admission.next_deadline()
+        if deadline is not None:
+            until = (deadline - self.clock()).total_seconds()
+            timeout = min(timeout, max(0.0, until))
+        return timeout
+
+    async def _decide(self, items: list[_Item]) -> None:
+        now = self.clock()
+        batch = _Batch()
+        await self._reload_if_changed(now, batch)
+        batch.events += self.admission.advance(now).events
+        for item in items:
+            self._decide_one(item, now, batch)
+        try:
+            await self.store.apply(batch.events, now)
+        except Exception as exc:
+            for item in items:
+                item.done.set_exception(exc)
+            raise
+        for topic, payload, correlation in batch.replies:
+            await self._send(topic, payload, correlation)
+        await self._publish_events(batch.events, now)
+        for item in items:
+            item.done.set_result(None)
+
+    def _decide_one(self, item: _Item, now: datetime, batch: _Batch) -> None:
+        tenant, router, message = item.tenant, item.router, item.message
+        if tenant not in self.admission.lines:
+            if item.kind == "hello":
+                self._bad("unknown_tenant", tenant, router)
+                reply = protocol.refusal(
+                    tenant, router, Reason.UNKNOWN_TENANT, now, _ref(message)
+                )
+                self._reply(batch, item, reply)
+            return
+        if isinstance(message, Hello):
+            outcome = self.admission.hello(tenant, router, message.session, now)
+            assert outcome.verdict is not None
+            self._log_decision(outcome.verdict, now)
+            reply = self._decision(outcome.verdict, Cause.HELLO, now, message.ref)
+            self._reply(batch, item, reply)
+        elif isinstance(message, Heartbeat):
+            outcome = self.admission.heartbeat(tenant, router, message.session, now)
+            if outcome.stale:
+                reply = protocol.refusal(
+                    tenant, router, Reason.SESSION_UNKNOWN, now, None,
+                    "no current session by that name: say hello again",
+                )  # fmt: skip
+                self._reply(batch, item, reply)
+        else:
+            outcome = self.admission.goodbye(
+                tenant, router, message.session, message.will, now
+            )
+            if outcome.stale:
+                self._bad("stale_goodbye", tenant, router)
+        batch.events += outcome.events
+
+    async def _reload_if_changed(self, now: datetime, batch: _Batch) -> None:
+        """Pick up what the tool committed since the last look."""
+        loop_now = asyncio.get_running_loop().time()
+        if loop_now < self._next_poll:
+            return
+        self._next_poll = loop_now + self.settings.poll_seconds
+        version = await self.store.poll_version()
+        if version == self._version:
+            return
+        self._version = version
+        self._change_seq, tenants = await self.store.changes_after(self._change_seq)
+        for tenant in sorted(tenants):
+            licenses = await self.store.licenses(tenant)
+            states = await self.store.license_states(tenant)
+            outcome = self.admission.load_tenant(tenant, licenses, states, now)
+            batch.events += outcome.events
+            log.info("licenses reloaded", tenant=tenant, licenses=len(licenses))
+
+    # -- publishing -------------------------------------------------------------
+
+    def _decision(
+        self, verdict: Verdict, cause: Cause, now: datetime, ref: str | None = None
+    ) -> protocol.Decision:
+        lease = int(self.settings.lease_seconds)
+        return protocol.decision(verdict, cause, now, lease, ref)
+
+    def _reply(self, batch: _Batch, item: _Item, reply: protocol.Decision) -> None:
+        topic = self._reply_topic(item.tenant, item.router, item.inbound)
+        payload = reply.model_dump_json().encode()
+        batch.replies.append((topic, payload, item.inbound.correlation))
+
+    def _reply_topic(self, tenant: str, router: str, inbound: Inbound) -> str:
+        """The MQTT 5 Response Topic if it is the router's own, else the fixed one."""
+        prefix = self.settings.prefix
+        own = f"{prefix}/{tenant}/{router}/"
+        wanted = inbound.response_topic
+        if wanted and wanted.startswith(own) and not set("+#") & set(wanted):
+            return wanted
+        return protocol.topic(prefix, tenant, router, "reply")
+
+    async def _publish_events(self, events: list[Event], now: datetime) -> None:
+        for event in events:
+            if isinstance(event, Joined):
+                place = event.place
+                state = "online" if place.seated else "waiting"
+                await self._publish_presence(
+                    place.tenant, place.router, state, place.epoch, "hello", now
+                )
+            elif isinstance(event, SeatChanged):
+                await self._notify(event.verdict, event.cause, now)
+            elif isinstance(event, Left):
+                await self._publish_presence(
+                    event.tenant, event.router, "offline", event.epoch,
+                    event.cause.value, now,
+                )  # fmt: skip
+                log.info(
+                    "router left", tenant=event.tenant, router=event.router,
+                    cause=event.cause.value, was_seated=event.was_seated,
+                )  # fmt: skip
+            else:
+                log.info("license event", **_fields(event))
+
+    async def _notify(self, verdict: Verdict, cause: Cause, now: datetime) -> None:
+        """Tell a router of a seat change it did not ask for, and show it."""
+        self._log_decision(verdict, now, cause)
+        reply = self._decision(verdict, cause, now)
+        topic = protocol.topic(
+            self.settings.prefix, verdict.tenant, verdict.router, "reply"
+        )
+        await self._send(topic, reply.model_dump_json().encode(), None)
+        state = "online" if verdict.accepted else "waiting"
+        await self._publish_presence(
+            verdict.tenant, verdict.router, state, verdict.epoch, cause.value, now
+        )
+
+    async def _publish_presence(
+        self, tenant: str, router: str, state: str, epoch: int, reason: str,
+        now: datetime,
+    ) -> None:  # fmt: skip
+        presence = protocol.Presence(
+            tenant=tenant,
+            router=router,
+            state=state,  # type: ignore[arg-type]
+            online=state == "online",
+            epoch=epoch,
+            reason=reason,
+            since=to_text(now) or "",
+        )
+        topic = protocol.topic(self.settings.prefix, tenant, router, "presence")
+        await self._publish(topic, presence, retain=True)
+
+    async def _publish(self, topic: str, model: BaseModel, *, retain: bool) -> None:
+        assert self._mqtt is not None
+        await self._mqtt.publish(topic, model.model_dump_json().encode(), retain=retain)
+
+    async def _send(
+        self, topic: str, payload: bytes, correlation: bytes | None
+    ) -> None:
+        assert self._mqtt is not None
+        await self._mqtt.publish(topic, payload, correlation=correlation)
+
+    def _log_decision(
+        self, verdict: Verdict, now: datetime, cause: Cause = Cause.HELLO
+    ) -> None:
+        decision = "accept" if verdict.accepted else "reject"
+        self.decisions[f"{decision}:{verdict.reason.value}"] += 1
+        log.info(
+            "decision",
+            tenant=verdict.tenant,
+            router=verdict.router,
+            decision=decision,
+            reason=verdict.reason.value,
+            tier=verdict.tier,
+            position=verdict.position,
+            epoch=verdict.epoch,
+            cause=cause.value,
+        )
+
+
+def _ref(message: Hello | Heartbeat | Goodbye) -> str | None:
+    return message.ref if isinstance(message, Hello) else None
+
+
+def _ref_of(payload: bytes) -> str | None:
+    """The ``ref`` of a hello that failed validation, if one can be read."""
+    try:
+        loaded = Hello.model_validate_json(payload, strict=False)
+    except ValidationError:
+        return None
+    return loaded.ref
+
+
+def _fields(event: Event) -> dict[str, object]:
+    fields = {k: getattr(event, k) for k in getattr(event, "__slots__", ())}
+    return {
+        k: to_text(v) if isinstance(v, datetime) else str(v) for k, v in fields.items()
+    }
+
+
+__all__ = ["Gateway", "Outcome", "system_clock"]

@@ -1,0 +1,295 @@
+"""License kinds, their life cycle and the capacity they give a tenant.
+
+A license's state is never stored as the truth: it is derived from the
+instants the admin chose (activation) and the ones the code carries
+(issue date, term), at any instant asked about. The life of a license::
+
+    available ──activate(at)──► scheduled ──at──► active ──term──► expired
+        │                           │               │
+        └──2 years in stock──►      └── a paid license becomes active in
+          non-redeemable               the tenant (Cloud Free only) ──►
+                                       invalidated, for good
+
+Validity is the half-open interval [activation, expiry): at the expiry
+instant a license is already expired, and at the stock limit a license is
+already non-redeemable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from enum import StrEnum
+
+from policy.errors import RuleViolation
+from policy.timeutil import add_months, to_text
+
+STOCK_MONTHS = 24
+FREE_MAX_CAPACITY = 1000
+
+
+class Kind(StrEnum):
+    BASIC_1 = "cloud-basic-1"
+    BASIC_25 = "cloud-basic-25"
+    FREE = "cloud-free"
+
+    @property
+    def paid(self) -> bool:
+        return self is not Kind.FREE
+
+    @property
+    def label(self) -> str:
+        return {
+            Kind.BASIC_1: "Cloud Basic 1",
+            Kind.BASIC_25: "Cloud Basic 25",
+            Kind.FREE: "Cloud Free",
+        }[self]
+
+
+class State(StrEnum):
+    AVAILABLE = "available"
+    SCHEDULED = "scheduled"
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    NON_REDEEMABLE = "non-redeemable"
+    INVALIDATED = "invalidated"
+
+
+class Tier(StrEnum):
+    FULL = "full"
+    FREE = "free"
+
+
+def check_capacity(kind: Kind, capacity: int) -> None:
+    """Refuse a capacity that the kind does not give."""
+    if kind is Kind.BASIC_1 and capacity == 1:
+        return
+    if kind is Kind.BASIC_25 and capacity == 25:
+        return
+    if kind is Kind.FREE and 1 <= capacity <= FREE_MAX_CAPACITY:
+        return
+    raise RuleViolation(
+        f"capacity {capacity} does not match kind {kind.label} "
+        f"(Basic 1 gives 1, Basic 25 gives 25, Free 1 to {FREE_MAX_CAPACITY})"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class License:
+    """One imported license of one tenant."""
+
+    id: str
+    tenant: str
+    kind: Kind
+    capacity: int
+    term_months: int
+    issued_at: datetime
+    imported_at: datetime
+    activation_at: datetime | None = None
+
+    @property
+    def expires_at(self) -> datetime | None:
+        if self.activation_at is None:
+            return None
+        return add_months(self.activation_at, self.term_months)
+
+    @property
+    def stock_limit(self) -> datetime:
+        return add_months(self.issued_at, STOCK_MONTHS)
+
+
+def paid_since(licenses: Iterable[License]) -> datetime | None:
+    """The first instant a paid license is (or will be) active, if any."""
+    starts = [
+        lic.activation_at
+        for lic in licenses
+        if lic.kind.paid and lic.activation_at is not None
+    ]
+    return min(starts, default=None)
+
+
+def invalidated_at(lic: License, paid_from: datetime | None) -> datetime | None:
+    """When a Cloud Free license loses its validity to a paid one."""
+    expires = lic.expires_at
+    if lic.kind.paid or paid_from is None or expires is None:
+        return None
+    if paid_from >= expires:
+        return None
+    # A free license still scheduled when the paid one starts is invalid
+    # from that moment too, not from its own start (the diagram above).
+    return paid_from
+
+
+def state_at(lic: License, now: datetime, paid_from: datetime | None) -> State:
+    """The state of ``lic`` at ``now``; ``paid_from`` is :func:`paid_since`."""
+    if lic.activation_at is None:
+        return State.NON_REDEEMABLE if now >= lic.stock_limit else State.AVAILABLE
+    invalid = invalidated_at(lic, paid_from)
+    if invalid is not None and now >= invalid:
+        return State.INVALIDATED
+    if now < lic.activation_at:
+        return State.SCHEDULED
+    assert lic.expires_at is not None
+    return State.ACTIVE if now < lic.expires_at else State.EXPIRED
+
+
+def state_since(lic: License, state: State, paid_from: datetime | None) -> datetime:
+    """The instant at which ``lic`` entered ``state`` (for the audit log)."""
+    if state is State.NON_REDEEMABLE:
+        return lic.stock_limit
+    if state is State.INVALIDATED:
+        moment = invalidated_at(lic, paid_from)
+    elif state is State.ACTIVE:
+        moment = lic.activation_at
+    elif state is State.EXPIRED:
+        moment = lic.expires_at
+    else:
+        moment = lic.imported_at
+    assert moment is not None
+    return moment
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What a tenant's licenses give at one instant."""
+
+    seats: int
+    tier: Tier | None
+
+    @property
+    def valid(self) -> bool:
+        return self.seats > 0
+
+
+NO_CAPACITY = Capacity(0, None)
+
+
+def capacity_at(licenses: Sequence[License], now: datetime) -> Capacity:
+    """Paid licenses add up; otherwise one valid Cloud Free; otherwise none."""
+    paid_from = paid_since(licenses)
+    states = [(lic, state_at(lic, now, paid_from)) for lic in licenses]
+    paid = sum(lic.capacity for lic, s in states if lic.kind.paid and s is State.ACTIVE)
+    if paid:
+        return Capacity(paid, Tier.FULL)
+    free = [lic.capacity for lic, s in states if s is State.ACTIVE]
+    if free:
+        return Capacity(max(free), Tier.FREE)
+    return NO_CAPACITY
+
+
+def next_change_after(licenses: Iterable[License], now: datetime) -> datetime | None:
+    """The first instant after ``now`` at which any license changes state."""
+    licenses = list(licenses)
+    paid_from = paid_since(licenses)
+    candidates: list[datetime] = []
+    for lic in licenses:
+        if lic.activation_at is None:
+            candidates.append(lic.stock_limit)
+            continue
+        candidates.append(lic.activation_at)
+        assert lic.expires_at is not None
+        candidates.append(lic.expires_at)
+        invalid = invalidated_at(lic, paid_from)
+        if invalid is not None:
+            candidates.append(invalid)
+    return min((c for c in candidates if c > now), default=None)
+
+
+def check_redeemable(lic: License, now: datetime) -> None:
+    """Refuse to import a code whose stock time has run out."""
+    if now >= lic.stock_limit:
+        raise RuleViolation(
+            f"license {lic.id} was issued {to_text(lic.issued_at)} and its "
+            f"{STOCK_MONTHS}-month stock limit passed at {to_text(lic.stock_limit)}:"
+            " it is non-redeemable"
+        )
+
+
+def activate(
+    lic: License, at: datetime, now: datetime, tenant_licenses: Sequence[License]
+) -> License:
+    """Schedule ``lic`` to become active at ``at`` (``now`` or later).
+
+    Refuses, naming the rule, anything the rule book forbids: a license that
+    is not available, an instant in the past or past the stock limit, and
+    for Cloud Free a tenant that already has a paid license or a second free
+    license valid at the same time.
+    """
+    others = [o for o in tenant_licenses if o.id != lic.id]
+    state = state_at(lic, now, paid_since(tenant_licenses))
+    if state is not State.AVAILABLE:
+        raise RuleViolation(
+            f"license {lic.id} is {state}; only available licenses can be activated"
+        )
+    if at < now:
+        raise RuleViolation(
+            f"activation instant {to_text(at)} is in the past (now is {to_text(now)})"
+        )
+    if at >= lic.stock_limit:
+        raise RuleViolation(
+            f"activation instant {to_text(at)} is past the stock limit "
+            f"{to_text(lic.stock_limit)} of license {lic.id}"
+        )
+    scheduled = replace(lic, activation_at=at)
+    if lic.kind is Kind.FREE:
+        _check_free_alone(scheduled, others)
+    return scheduled
+
+
+def _check_free_alone(free: License, others: Sequence[License]) -> None:
+    assert free.activation_at is not None
+    assert free.expires_at is not None
+    paid_from = paid_since(others)
+    if paid_from is not None and free.activation_at >= paid_from:
+        raise RuleViolation(
+            f"Cloud Free license {free.id} cannot be activated: a paid license is "
+            f"active in this tenant from {to_text(paid_from)}, and Cloud Free is "
+            "never combined with paid licenses"
+        )
+    for other in others:
+        if other.kind is not Kind.FREE or other.activation_at is None:
+            continue
+        assert other.expires_at is not None
+        end = invalidated_at(other, paid_from) or other.expires_at
+        if free.activation_at < end and other.activation_at < free.expires_at:
+            raise RuleViolation(
+                f"Cloud Free license {other.id} is valid until {to_text(end)}; "
+                "a tenant has one valid Cloud Free license at a time: activate "
+                f"{free.id} at {to_text(end)} or later to renew"
+            )
+
+
+_RANK = {
+    State.AVAILABLE: 0,
+    State.SCHEDULED: 1,
+    State.ACTIVE: 2,
+    State.EXPIRED: 3,
+    State.INVALIDATED: 3,
+    State.NON_REDEEMABLE: 3,
+}
+
+
+def transitions(
+    lic: License, known: State, now: datetime, paid_from: datetime | None
+) -> list[tuple[State, State, datetime]]:
+    """Every state change of ``lic`` after ``known`` up to ``now``, in order.
+
+    Each is ``(before, after, instant)``; a license passed over while no one
+    looked (scheduled, then active, then expired) yields each step.
+    """
+    instants = [lic.stock_limit]
+    if lic.activation_at is not None:
+        assert lic.expires_at is not None
+        instants += [lic.activation_at, lic.expires_at]
+        invalid = invalidated_at(lic, paid_from)
+        if invalid is not None:
+            instants.append(invalid)
+    steps: list[tuple[State, State, datetime]] = []
+    current = known
+    for instant in sorted(i for i in instants if i <= now):
+        after = state_at(lic, instant, paid_from)
+        if _RANK[after] > _RANK[current]:
+            steps.append((current, after, instant))
+            current = after
+    return steps

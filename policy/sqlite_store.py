@@ -1,0 +1,592 @@
+"""The embedded store: one SQLite file in WAL mode, written by one gateway.
+
+Every write is one ``BEGIN IMMEDIATE`` transaction, so the tool and the
+gateway queue for the write lock instead of failing half way ("database
+is locked" is waited out for up to ``busy_timeout``). ``synchronous=FULL``
+makes each commit durable before the gateway replies; the gateway commits
+decisions in batches, so the cost of the fsync is shared by the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from policy.admission import (
+    Event,
+    Joined,
+    Left,
+    LicenseChanged,
+    Place,
+    SeatChanged,
+)
+from policy.errors import RuleViolation, StoreError
+from policy.licenses import Kind, License, State
+from policy.store import AuditEntry, RouterRow, Tenant
+from policy.timeutil import from_text, to_text
+
+SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE tenants (
+        tenant      TEXT PRIMARY KEY,
+        tz          TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE TABLE licenses (
+        id             TEXT PRIMARY KEY,  -- unique across tenants: redeemed once
+        tenant         TEXT NOT NULL REFERENCES tenants(tenant),
+        kind           TEXT NOT NULL,
+        capacity       INTEGER NOT NULL,
+        term_months    INTEGER NOT NULL,
+        issued_at      TEXT NOT NULL,
+        imported_at    TEXT NOT NULL,
+        activation_at  TEXT,
+        state          TEXT NOT NULL,     -- last state recorded in the audit log
+        code           TEXT NOT NULL
+    );
+    CREATE INDEX licenses_by_tenant ON licenses(tenant);
+    CREATE TABLE routers (
+        tenant      TEXT NOT NULL REFERENCES tenants(tenant),
+        router      TEXT NOT NULL,
+        epoch       INTEGER NOT NULL DEFAULT 0,
+        session     TEXT,
+        arrival     INTEGER,              -- NULL: not in line
+        seated      INTEGER NOT NULL DEFAULT 0,
+        first_seen  TEXT NOT NULL,
+        changed_at  TEXT NOT NULL,
+        PRIMARY KEY (tenant, router)
+    );
+    CREATE INDEX routers_in_line ON routers(arrival) WHERE arrival IS NOT NULL;
+    CREATE TABLE audit (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        at          TEXT NOT NULL,
+        tenant      TEXT NOT NULL,
+        subject     TEXT NOT NULL,        -- tenant, license or router
+        subject_id  TEXT NOT NULL,
+        event       TEXT NOT NULL,
+        detail      TEXT NOT NULL,
+        actor       TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_subject ON audit(tenant, subject, subject_id);
+    CREATE TABLE changes (
+        seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant  TEXT NOT NULL,
+        at      TEXT NOT NULL
+    );
+    """,
+]
+
+GATEWAY = "gateway"
+
+
+class SqliteStore:
+    """:class:`policy.store.Store` on one SQLite file."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: str | Path, busy_timeout_ms: int = 10_000) -> SqliteStore:
+        """Open (and create or migrate) the database at ``path``."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        store = cls(db)
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot start a write: {exc}") from exc
+        try:
+            yield self._db
+        except BaseException:
+            await self._db.execute("ROLLBACK")
+            raise
+        try:
+            await self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await self._db.execute("ROLLBACK")
+            raise StoreError(f"commit failed, nothing was written: {exc}") from exc
+
+    async def _migrate(self) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)"
+            )
+            row = await _one(db, "SELECT value FROM meta WHERE key = 'schema'")
+            version = int(row[0]) if row else 0
+            if version > len(SCHEMA):
+                raise StoreError(
+                    f"database schema {version} is newer than this program "
+                    f"({len(SCHEMA)}): upgrade irm-gateway"
+                )
+            for script in SCHEMA[version:]:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+            await db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(len(SCHEMA)),)
+            )
+
+    # -- tenants -------------------------------------------------------------
+
+    async def add_tenant(self, tenant: str, tz: str, now: datetime) -> None:
+        async with self._write() as db:
+            row = await _one(db, "SELECT tz FROM tenants WHERE tenant = ?", (tenant,))
+            if row is not None:
+                if row[0] != tz:
+                    raise RuleViolation(
+                        f"tenant {tenant} exists with time zone {row[0]}, not {tz}"
+                    )
+                return
+            stamp = to_text(now)
+            await db.execute(
+                "INSERT INTO tenants VALUES (?, ?, ?)", (tenant, tz, stamp)
+            )
+            await _audit(
+                db, stamp, tenant, "tenant", tenant, "created", {"tz": tz}, "admin"
+            )
+            await db.execute(
+                "INSERT INTO changes (tenant, at) VALUES (?, ?)", (tenant, stamp)
+            )
+
+    async def tenant(self, tenant: str) -> Tenant | None:
+        row = await _one(self._db, "SELECT * FROM tenants WHERE tenant = ?", (tenant,))
+        return _tenant(row) if row else None
+
+    async def tenants(self) -> list[Tenant]:
+        rows = await self._db.execute_fetchall("SELECT * FROM tenants ORDER BY tenant")
+        return [_tenant(r) for r in rows]
+
+    # -- licenses ------------------------------------------------------------
+
+    async def licenses(self, tenant: str) -> list[License]:
+        rows = await self._db.execute_fetchall(
+            "SELECT id, tenant, kind, capacity, term_months, issued_at, imported_at,"
+            " activation_at FROM licenses WHERE tenant = ? ORDER BY imported_at, id",
+            (tenant,),
+        )
+        return [_license(r) for r in rows]
+
+    async def license_states(self, tenant: str) -> dict[str, State]:
+        rows = await self._db.execute_fetchall(
+            "SELECT id, state FROM licenses WHERE tenant = ?", (tenant,)
+        )
+        return {r[0]: State(r[1]) for r in rows}
+
+    async def owners(self, license_ids: Collection[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        ids = list(license_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = await self._db.execute_fetchall(
+                f"SELECT id, tenant FROM licenses WHERE id IN ({marks})", chunk
+            )
+            found.update({r[0]: r[1] for r in rows})
+        return found
+
+    async def add_licenses(
+        self,
+        tenant: str,
+        items: Sequence[tuple[License, str]],
+        now: datetime,
+        actor: str,
+    ) -> None:
+        stamp = to_text(now)
+        async with self._write() as db:
+            try:
+                await db.executemany(
+                    "INSERT INTO licenses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        _license_params(lic, State.AVAILABLE, code)
+                        for lic, code in items
+                    ],
+                )
+            except sqlite3.IntegrityError as exc:
+                raise RuleViolation(
+                    f"a license was redeemed by someone else meanwhile: {exc}"
+                ) from exc
+            await _audit_many(
+                db,
+                [
+                    (
+                        stamp,
+                        tenant,
+                        "license",
+                        lic.id,
+                        "imported",
+                        json.dumps({"kind": lic.kind.value, "state": "available"}),
+                        actor,
+                    )
+                    for lic, _ in items
+                ],
+            )
+            await db.execute(
+                "INSERT INTO changes (tenant, at) VALUES (?, ?)", (tenant, stamp)
+            )
+
+    async def save_activations(
+        self,
+        tenant: str,
+        licenses: Sequence[License],
+        states: dict[str, State],
+        now: datetime,
+        actor: str,
+    ) -> None:
+        stamp = to_text(now)
+        async with self._write() as db:
+            for lic in licenses:
+                row = await _one(
+                    db,
+                    "SELECT state, activation_at FROM licenses"
+                    " WHERE id = ? AND tenant = ?",
+                    (lic.id, tenant),
+                )
+                if row is None or row[1] is not None:
+                    raise RuleViolation(
+                        f"license {lic.id} changed meanwhile; nothing was activated"
+                    )
+                await db.execute(
+                    "UPDATE licenses SET activation_at = ?, state = ? WHERE id = ?",
+                    (to_text(lic.activation_at), states[lic.id].value, lic.id),
+                )
+                detail: dict[str, Any] = {
+                    "from": row[0],
+                    "to": states[lic.id].value,
+                    "activation_at": to_text(lic.activation_at),
+                    "expires_at": to_text(lic.expires_at),
+                }
+                await _audit(
+                    db, stamp, tenant, "license", lic.id, "activated", detail, actor
+                )
+            await db.execute(
+                "INSERT INTO changes (tenant, at) VALUES (?, ?)", (tenant, stamp)
+            )
+
+    # -- routers ---------------------------------------------------------------
+
+    async def register_routers(
+        self, tenant: str, routers: Sequence[str], now: datetime, actor: str
+    ) -> list[str]:
+        stamp = to_text(now)
+        async with self._write() as db:
+            rows = await db.execute_fetchall(
+                "SELECT router FROM routers WHERE tenant = ?", (tenant,)
+            )
+            known = {r[0] for r in rows}
+            new = [r for r in dict.fromkeys(routers) if r not in known]
+            await db.executemany(
+                "INSERT INTO routers (tenant, router, first_seen, changed_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(tenant, r, stamp, stamp) for r in new],
+            )
+            await _audit_many(
+                db,
+                [(stamp, tenant, "router", r, "registered", "{}", actor) for r in new],
+            )
+        return new
+
+    async def routers(self, tenant: str) -> list[RouterRow]:
+        rows = await self._db.execute_fetchall(
+            "SELECT tenant, router, epoch, session, arrival, seated, first_seen,"
+            " changed_at FROM routers WHERE tenant = ?"
+            " ORDER BY arrival IS NULL, arrival, router",
+            (tenant,),
+        )
+        return [_router(r) for r in rows]
+
+    async def places(self) -> list[Place]:
+        rows = await self._db.execute_fetchall(
+            "SELECT tenant, router, session, epoch, arrival, seated FROM routers"
+            " WHERE arrival IS NOT NULL ORDER BY arrival"
+        )
+        now = datetime.min
+        return [Place(r[0], r[1], r[2], r[3], r[4], bool(r[5]), now) for r in rows]
+
+    async def epochs(self) -> dict[tuple[str, str], int]:
+        rows = await self._db.execute_fetchall(
+            "SELECT tenant, router, epoch FROM routers WHERE epoch > 0"
+        )
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    async def apply(self, events: Sequence[Event], now: datetime) -> None:
+        """Write one batch of the core's events in one transaction."""
+        if not events:
+            return
+        writes = _Writes(to_text(now) or "")
+        for event in events:
+            writes.add(event)
+        async with self._write() as db:
+            await writes.run(db)
+
+    # -- audit and changes -------------------------------------------------------
+
+    async def audit(
+        self,
+        tenant: str,
+        subject: str | None = None,
+        subject_id: str | None = None,
+        limit: int = 200,
+    ) -> list[AuditEntry]:
+        query = "SELECT * FROM audit WHERE tenant = ?"
+        params: list[Any] = [tenant]
+        if subject is not None:
+            query += " AND subject = ?"
+            params.append(subject)
+        if subject_id is not None:
+            query += " AND subject_id = ?"
+            params.append(subject_id)
+        query += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit)
+        rows = await self._db.execute_fetchall(query, params)
+        return [_entry(r) for r in reversed(list(rows))]
+
+    async def changes_after(self, seq: int) -> tuple[int, set[str]]:
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT seq, tenant FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+            )
+        )
+        if not rows:
+            return seq, set()
+        return rows[-1][0], {r[1] for r in rows}
+
+    async def poll_version(self) -> int:
+        """Changes whenever another connection commits (PRAGMA data_version)."""
+        row = await _one(self._db, "PRAGMA data_version")
+        assert row is not None
+        return int(row[0])
+
+
+class _Writes:
+    """One batch of events, grouped into a few ``executemany`` calls."""
+
+    def __init__(self, stamp: str) -> None:
+        self.stamp = stamp
+        self.upserts: list[tuple[Any, ...]] = []
+        self.seats: list[tuple[Any, ...]] = []
+        self.leaves: list[tuple[Any, ...]] = []
+        self.states: list[tuple[Any, ...]] = []
+        self.audit: list[tuple[Any, ...]] = []
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, Joined):
+            self._joined(event)
+        elif isinstance(event, SeatChanged):
+            v = event.verdict
+            self.seats.append((int(v.accepted), self.stamp, v.tenant, v.router))
+            what = "seat_granted" if v.accepted else "seat_lost"
+            detail = {
+                "reason": v.reason.value,
+                "cause": event.cause.value,
+                "tier": v.tier,
+                "position": v.position,
+                "epoch": v.epoch,
+            }
+            self._log(v.tenant, "router", v.router, what, detail)
+        elif isinstance(event, Left):
+            self.leaves.append((self.stamp, event.tenant, event.router))
+            detail = {
+                "cause": event.cause.value,
+                "was_seated": event.was_seated,
+                "epoch": event.epoch,
+            }
+            self._log(event.tenant, "router", event.router, "left", detail)
+        elif isinstance(event, LicenseChanged):
+            self._license(event)
+        else:
+            detail = {
+                "seats": event.after.seats,
+                "tier": event.after.tier,
+                "before": event.before.seats,
+            }
+            self._log(event.tenant, "tenant", event.tenant, "capacity", detail)
+
+    def _joined(self, event: Joined) -> None:
+        p = event.place
+        self.upserts.append(
+            (p.tenant, p.router, p.epoch, p.session, p.arrival, int(p.seated),
+             self.stamp, self.stamp)
+        )  # fmt: skip
+        what = "resumed" if event.resumed else "joined"
+        detail = {"epoch": p.epoch, "arrival": p.arrival, "seated": p.seated}
+        self._log(p.tenant, "router", p.router, what, detail)
+
+    def _license(self, event: LicenseChanged) -> None:
+        self.states.append((event.after.value, event.license_id))
+        detail = {
+            "from": event.before.value,
+            "to": event.after.value,
+            "at": to_text(event.at),
+        }
+        self._log(
+            event.tenant,
+            "license",
+            event.license_id,
+            event.after.value,
+            detail,
+            at=to_text(event.at),
+        )
+
+    def _log(
+        self,
+        tenant: str,
+        subject: str,
+        subject_id: str,
+        what: str,
+        detail: Mapping[str, Any],
+        at: str | None = None,
+    ) -> None:
+        self.audit.append(
+            (
+                at or self.stamp,
+                tenant,
+                subject,
+                subject_id,
+                what,
+                json.dumps(detail),
+                GATEWAY,
+            )
+        )
+
+    async def run(self, db: aiosqlite.Connection) -> None:
+        await db.executemany(
+            "INSERT INTO routers (tenant, router, epoch, session, arrival, seated,"
+            " first_seen, changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (tenant, router) DO UPDATE SET epoch = excluded.epoch,"
+            " session = excluded.session, arrival = excluded.arrival,"
+            " seated = excluded.seated, changed_at = excluded.changed_at",
+            self.upserts,
+        )
+        await db.executemany(
+            "UPDATE routers SET seated = ?, changed_at = ?"
+            " WHERE tenant = ? AND router = ?",
+            self.seats,
+        )
+        await db.executemany(
+            "UPDATE routers SET session = NULL, arrival = NULL, seated = 0,"
+            " changed_at = ? WHERE tenant = ? AND router = ?",
+            self.leaves,
+        )
+        await db.executemany("UPDATE licenses SET state = ? WHERE id = ?", self.states)
+        await _audit_many(db, self.audit)
+
+
+async def _one(
+    db: aiosqlite.Connection, query: str, params: Iterable[Any] = ()
+) -> sqlite3.Row | None:
+    async with db.execute(query, tuple(params)) as cursor:
+        row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+
+async def _audit(
+    db: aiosqlite.Connection,
+    at: str | None,
+    tenant: str,
+    subject: str,
+    subject_id: str,
+    event: str,
+    detail: dict[str, Any],
+    actor: str,
+) -> None:
+    await _audit_many(
+        db, [(at, tenant, subject, subject_id, event, json.dumps(detail), actor)]
+    )
+
+
+async def _audit_many(
+    db: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    if rows:
+        await db.executemany(
+            "INSERT INTO audit (at, tenant, subject, subject_id, event, detail, actor)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+
+def _instant(text: str) -> datetime:
+    moment = from_text(text)
+    assert moment is not None
+    return moment
+
+
+def _tenant(row: Sequence[Any]) -> Tenant:
+    return Tenant(row[0], row[1], _instant(row[2]))
+
+
+def _license(row: Sequence[Any]) -> License:
+    return License(
+        id=row[0],
+        tenant=row[1],
+        kind=Kind(row[2]),
+        capacity=row[3],
+        term_months=row[4],
+        issued_at=_instant(row[5]),
+        imported_at=_instant(row[6]),
+        activation_at=from_text(row[7]),
+    )
+
+
+def _license_params(lic: License, state: State, code: str) -> tuple[Any, ...]:
+    return (
+        lic.id,
+        lic.tenant,
+        lic.kind.value,
+        lic.capacity,
+        lic.term_months,
+        to_text(lic.issued_at),
+        to_text(lic.imported_at),
+        to_text(lic.activation_at),
+        state.value,
+        code,
+    )
+
+
+def _router(row: Sequence[Any]) -> RouterRow:
+    return RouterRow(
+        tenant=row[0],
+        router=row[1],
+        epoch=row[2],
+        session=row[3],
+        arrival=row[4],
+        seated=bool(row[5]),
+        first_seen=_instant(row[6]),
+        changed_at=_instant(row[7]),
+    )
+
+
+def _entry(row: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(
+        seq=row[0],
+        at=_instant(row[1]),
+        tenant=row[2],
+        subject=row[3],
+        subject_id=row[4],
+        event=row[5],
+        detail=json.loads(row[6]),
+        actor=row[7],
+    )

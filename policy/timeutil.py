@@ -1,0 +1,79 @@
+"""Calendar arithmetic and the product's time rules.
+
+Every instant is an aware ``datetime`` in UTC. A date given without a time
+means midnight at the start of that day in the tenant's time zone.
+"""
+
+from __future__ import annotations
+
+import calendar
+from datetime import UTC, date, datetime, time
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from policy.errors import BadInput
+
+
+def utc(moment: datetime) -> datetime:
+    """Return ``moment`` in UTC; naive datetimes are refused."""
+    if moment.tzinfo is None:
+        raise BadInput(f"instant {moment.isoformat()} has no time zone")
+    return moment.astimezone(UTC)
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    """Add whole calendar months, clamping to the last day of the month.
+
+    31 January plus one month is 28 (or 29) February; 29 February plus
+    twelve months is 28 February.
+    """
+    index = moment.month - 1 + months
+    year, month = moment.year + index // 12, index % 12 + 1
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
+def zone(name: str) -> ZoneInfo:
+    """Look up an IANA time zone, naming it in the error if unknown."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise BadInput(f"time zone {name!r} is not an IANA zone name") from exc
+
+
+def start_of_day(day: date, tz_name: str) -> datetime:
+    """Midnight at the start of ``day`` in the zone, as a UTC instant."""
+    return datetime.combine(day, time(0), tzinfo=zone(tz_name)).astimezone(UTC)
+
+
+def parse_instant(text: str, tz_name: str) -> datetime:
+    """Parse an ISO 8601 date or date-time given by an admin.
+
+    A bare date is midnight in the tenant's zone; a date-time without an
+    offset is read in the tenant's zone too; one with an offset is exact.
+    """
+    value = text.strip()
+    try:
+        if len(value) == 10:
+            return start_of_day(date.fromisoformat(value), tz_name)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadInput(
+            f"{text!r} is not an ISO 8601 date (YYYY-MM-DD) or date-time"
+        ) from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone(tz_name))
+    return moment.astimezone(UTC)
+
+
+def to_text(moment: datetime | None) -> str | None:
+    """The storage and wire form of an instant: ISO 8601 in UTC, with Z."""
+    if moment is None:
+        return None
+    return utc(moment).isoformat().replace("+00:00", "Z")
+
+
+def from_text(text: str | None) -> datetime | None:
+    """Inverse of :func:`to_text`."""
+    if text is None:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
