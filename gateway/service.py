@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -48,6 +48,10 @@ from policy.timeutil import to_text
 log = structlog.get_logger("gateway")
 
 Clock = Callable[[], datetime]
+
+TAKEOVER_COUNT = 3
+TAKEOVER_WINDOW = timedelta(seconds=30)
+"""Three new sessions of one router within 30 s suggest two devices, one id."""
 
 
 def system_clock() -> datetime:
@@ -87,6 +91,8 @@ class Gateway:
         )
         self.bad_input: Counter[str] = Counter()
         self.decisions: Counter[str] = Counter()
+        self.suspected_duplicates: Counter[str] = Counter()
+        self._resumes: dict[tuple[str, str], deque[datetime]] = {}
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._mqtt: Mqtt | None = None
         self._logged: set[tuple[str, str]] = set()
@@ -94,7 +100,7 @@ class Gateway:
         self._version = -1
         self._next_poll = 0.0
         self._startup: list[Event] = []
-        self._published_once = False
+        self._republish = False
         self.ready = asyncio.Event()
         """Set once subscribed and announced; the retained status says so too."""
 
@@ -167,13 +173,18 @@ class Gateway:
         await self._publish(
             protocol.status_topic(prefix, self.settings.gateway_id), status, retain=True
         )
-        if not self._published_once:
-            self._published_once = True
-            await self._republish_presence()
+        # The decider republishes presence before its next batch, so that
+        # all presence leaves from one task, in order.
+        self._republish = True
         self.ready.set()
 
     async def _republish_presence(self) -> None:
-        """Publish every known router's presence from the stored state."""
+        """Publish every known router's presence from the stored state.
+
+        Done after every (re)connect: a broker that restarted may have lost
+        retained messages, or kept older ones from its last snapshot.
+        """
+        self._republish = False
         now = self.clock()
         for tenant in list(self.admission.lines):
             for row in await self.store.routers(tenant):
@@ -301,6 +312,8 @@ class Gateway:
         return timeout
 
     async def _decide(self, items: list[_Item]) -> None:
+        if self._republish:
+            await self._republish_presence()
         now = self.clock()
         batch = _Batch()
         await self._reload_if_changed(now, batch)
@@ -332,6 +345,8 @@ class Gateway:
         if isinstance(message, Hello):
             outcome = self.admission.hello(tenant, router, message.session, now)
             assert outcome.verdict is not None
+            if outcome.events and isinstance(outcome.events[0], Joined):
+                self._watch_takeovers(outcome.events[0], now)
             self._log_decision(outcome.verdict, now)
             reply = self._decision(outcome.verdict, Cause.HELLO, now, message.ref)
             self._reply(batch, item, reply)
@@ -350,6 +365,25 @@ class Gateway:
             if outcome.stale:
                 self._bad("stale_goodbye", tenant, router)
         batch.events += outcome.events
+
+    def _watch_takeovers(self, joined: Joined, now: datetime) -> None:
+        """Flag a router whose session keeps being replaced.
+
+        Two devices sharing one client id take the broker session from each
+        other in a loop; each hello names a new session. The seat stays one
+        (the router keeps its place), but the operator should hear of it.
+        """
+        if not joined.resumed:
+            return
+        key = (joined.place.tenant, joined.place.router)
+        recent = self._resumes.setdefault(key, deque(maxlen=TAKEOVER_COUNT))
+        recent.append(now)
+        if len(recent) == TAKEOVER_COUNT and now - recent[0] <= TAKEOVER_WINDOW:
+            self.suspected_duplicates[f"{key[0]}/{key[1]}"] += 1
+            self._bad("duplicate_client", *key, "session replaced repeatedly")
+            recent.clear()
+        if len(self._resumes) > 100_000:
+            self._resumes.clear()
 
     async def _reload_if_changed(self, now: datetime, batch: _Batch) -> None:
         """Pick up what the tool committed since the last look."""

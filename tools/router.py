@@ -24,6 +24,18 @@ from gateway import protocol
 from gateway.protocol import Decision, Goodbye, Heartbeat, Hello
 
 
+class _Client(gmqtt.Client):  # type: ignore[misc]
+    """gmqtt's client that never reconnects by itself.
+
+    A router comes back with a new session, a new will and a new hello,
+    which is the simulator's decision; gmqtt's automatic reconnect would
+    reuse the old will and, after a takeover, take the session back.
+    """
+
+    async def reconnect(self, delay: bool = False) -> None:
+        return
+
+
 @dataclass(slots=True)
 class Heard:
     """A decision this router received, and when (monotonic seconds)."""
@@ -60,12 +72,11 @@ class SimRouter:
             will_message = gmqtt.Message(
                 self.topic("goodbye"), body.model_dump_json(), qos=1
             )
-        client = gmqtt.Client(
+        client = _Client(
             self.client_id or f"{self.tenant}.{self.router}",
             clean_session=True,
             will_message=will_message,
         )
-        client.set_config({"reconnect_retries": 0, "reconnect_delay": 1})
         client.on_message = self._on_message
         version = MQTTv50 if self.mqtt5 else MQTTv311
         await client.connect(self.host, self.port, keepalive=keepalive, version=version)
@@ -152,10 +163,10 @@ class SimRouter:
         """
         if self._client is None:
             return
+        client, self._client = self._client, None
         # gmqtt has no public "abort": reach the asyncio transport under it,
         # which is what a lost network looks like to the broker.
-        self._client._connection._transport.abort()
-        self._client = None
+        client._connection._transport.abort()
 
 
 def decision_row(decision: Decision) -> dict[str, object]:

@@ -1,0 +1,222 @@
+"""Fixtures for tests that run against a real Mosquitto and real processes.
+
+The broker is started from the repository's ``mosquitto.conf`` on a free
+loopback port (tools/broker.py); the gateway and the tool run as the
+commands an operator and an admin would type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import gmqtt
+import pytest
+
+from gateway import protocol
+from tools.broker import Broker
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto of our configuration on a free port, stopped afterwards."""
+    server = Broker(tmp_path / "broker")
+    server.start()
+    yield server
+    server.stop()
+
+
+def tool(
+    database: Path, *args: str, now: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``irm-tool`` as an admin would; never raises on a non-zero exit."""
+    command = [str(BIN / "irm-tool"), "--database", str(database)]
+    if now is not None:
+        command += ["--now", now]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, check=False, timeout=120
+    )
+
+
+def tool_json(database: Path, *args: str, now: str | None = None) -> Any:
+    result = tool(database, *args, "--json", now=now)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+class GatewayProcess:
+    """``irm-gateway`` as a child process, started, stopped or killed at will."""
+
+    def __init__(self, broker: Broker, database: Path, log: Path, **options: Any):
+        self.broker = broker
+        self.database = database
+        self.log = log
+        self.options = {"lease-seconds": 60, "grace-seconds": 2, **options}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        command = [
+            str(BIN / "irm-gateway"),
+            "--broker-port", str(self.broker.port),
+            "--database", str(self.database),
+            "--log-format", "json",
+        ]  # fmt: skip
+        for key, value in self.options.items():
+            command += [f"--{key}", str(value)]
+        return command
+
+    async def start(self, timeout: float = 20.0) -> None:
+        """Start, and return once its retained status says it came online."""
+        started = datetime.now(UTC)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.command(), stdout=out, stderr=subprocess.STDOUT
+            )
+        await wait_gateway_online(self.broker.port, started, timeout, self)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, as systemd would; returns the exit code."""
+        return self._end(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        self._end(signal.SIGKILL, 10.0)
+
+    def _end(self, sig: int, timeout: float) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+        code = self.process.wait(timeout=timeout)
+        self.process = None
+        return code
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue
+        return lines
+
+
+async def wait_gateway_online(
+    port: int, since: datetime, timeout: float, process: GatewayProcess | None = None
+) -> None:
+    """Wait for a retained ``online`` status stamped at or after ``since``."""
+    online = asyncio.Event()
+
+    def on_message(client: object, topic: str, payload: bytes, *rest: object) -> int:
+        status = protocol.GatewayStatus.model_validate_json(payload)
+        stamp = datetime.fromisoformat(status.since or "1970-01-01T00:00:00Z")
+        if status.state == "online" and stamp >= since.replace(microsecond=0):
+            online.set()
+        return 0
+
+    client = gmqtt.Client(None)
+    client.on_message = on_message
+    await client.connect("127.0.0.1", port)
+    client.subscribe(protocol.status_topic(protocol.PREFIX, "+"), qos=1)
+    try:
+        async with asyncio.timeout(timeout):
+            while not online.is_set():
+                if process is not None and not process.alive():
+                    raise RuntimeError(f"gateway exited:\n{process.log.read_text()}")
+                try:
+                    await asyncio.wait_for(online.wait(), 0.2)
+                except TimeoutError:
+                    continue
+    finally:
+        await client.disconnect()
+
+
+@pytest.fixture
+async def gateway_process(
+    broker: Broker, tmp_path: Path
+) -> AsyncIterator[GatewayProcess]:
+    """An ``irm-gateway`` process on ``broker`` with ``tmp_path/irm.db``."""
+    process = GatewayProcess(broker, tmp_path / "irm.db", tmp_path / "gateway.log")
+    yield process
+    if process.alive():
+        process.kill()
+
+
+class PresenceWatch:
+    """Every presence message of one tenant, in the order the broker sent them."""
+
+    def __init__(self, port: int, tenant: str) -> None:
+        self.port = port
+        self.tenant = tenant
+        self.seen: list[protocol.Presence] = []
+        self._client = gmqtt.Client(None)
+        self._client.on_message = self._on_message
+        self._changed = asyncio.Event()
+
+    def _on_message(
+        self, client: object, topic: str, payload: bytes, *rest: object
+    ) -> int:
+        self.seen.append(protocol.Presence.model_validate_json(payload))
+        self._changed.set()
+        return 0
+
+    async def __aenter__(self) -> PresenceWatch:
+        await self._client.connect("127.0.0.1", self.port)
+        self._client.subscribe(f"{protocol.PREFIX}/{self.tenant}/+/presence", qos=1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.disconnect()
+
+    def of(self, router: str) -> list[protocol.Presence]:
+        return [p for p in self.seen if p.router == router]
+
+    def latest(self) -> dict[str, protocol.Presence]:
+        return {p.router: p for p in self.seen}
+
+    async def until(self, check: Any, timeout: float = 15.0) -> None:
+        """Wait until ``check(self)`` holds, or fail after ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while not check(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+
+class TopicWatch:
+    """Goodbyes (and wills) published on one topic, awaited one by one."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.port = port
+        self.topic = topic
+        self._queue: asyncio.Queue[protocol.Goodbye] = asyncio.Queue()
+        self._client = gmqtt.Client(None)
+        self._client.on_message = self._on_message
+
+    def _on_message(
+        self, client: object, topic: str, payload: bytes, *rest: object
+    ) -> int:
+        self._queue.put_nowait(protocol.Goodbye.model_validate_json(payload))
+        return 0
+
+    async def __aenter__(self) -> TopicWatch:
+        await self._client.connect("127.0.0.1", self.port)
+        self._client.subscribe(self.topic, qos=1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.disconnect()
+
+    async def next(self, timeout: float = 10.0) -> protocol.Goodbye:
+        return await asyncio.wait_for(self._queue.get(), timeout)

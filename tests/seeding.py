@@ -1,0 +1,64 @@
+"""Put tenants and licenses into a store the way the tool would, quickly.
+
+End-to-end tests of presence and faults need a tenant with N seats and no
+ceremony; the tool's own commands are tested end to end elsewhere.
+Licenses are minted with the demo vendor key and verified like imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from policy import codes
+from policy.imports import license_from
+from policy.licenses import Kind, License, State, paid_since, state_at
+from policy.sqlite_store import SqliteStore
+from tools.keys import (
+    DEMO_PRIVATE_KEY_PATH,
+    DEMO_PUBLIC_KEY_PATH,
+    load_private_key,
+    load_public_key,
+)
+
+
+def mint(kind: Kind, issued: datetime, term: int = 12) -> tuple[License, str]:
+    """A verified license of ``kind`` and its code, not yet of any tenant."""
+    capacity = {Kind.BASIC_1: 1, Kind.BASIC_25: 25, Kind.FREE: 1000}[kind]
+    payload = codes.CodePayload(codes.new_license_id(), kind, capacity, term, issued)
+    code = codes.mint(load_private_key(DEMO_PRIVATE_KEY_PATH), payload)
+    verified = codes.verify(code, load_public_key(DEMO_PUBLIC_KEY_PATH))
+    return license_from(verified, "", issued), code
+
+
+async def seed_tenant(
+    database: Path,
+    tenant: str,
+    *,
+    basic1: int = 0,
+    basic25: int = 0,
+    expired_basic1: int = 0,
+    now: datetime | None = None,
+) -> list[License]:
+    """A tenant with active Basic licenses, and some that expired a month ago."""
+    now = now or datetime.now(UTC)
+    issued = now - timedelta(days=420)
+    store = await SqliteStore.open(database)
+    try:
+        await store.add_tenant(tenant, "UTC", now)
+        kinds = [Kind.BASIC_1] * (basic1 + expired_basic1) + [Kind.BASIC_25] * basic25
+        items = [mint(kind, issued) for kind in kinds]
+        items = [(replace(lic, tenant=tenant, imported_at=now), c) for lic, c in items]
+        await store.add_licenses(tenant, items, now, "test")
+        active = []
+        for i, (lic, _) in enumerate(items):
+            start = now - timedelta(days=395) if i < expired_basic1 else now
+            active.append(replace(lic, activation_at=start))
+        paid_from = paid_since(active)
+        states = {lic.id: state_at(lic, now, paid_from) for lic in active}
+        await store.save_activations(tenant, active, states, now, "test")
+        assert sum(s is State.ACTIVE for s in states.values()) == basic1 + basic25
+        return active
+    finally:
+        await store.close()
