@@ -122,7 +122,7 @@ async def wait_gateway_online(
     def on_message(client: object, topic: str, payload: bytes, *rest: object) -> int:
         status = protocol.GatewayStatus.model_validate_json(payload)
         stamp = datetime.fromisoformat(status.since or "1970-01-01T00:00:00Z")
-        if status.state == "online" and stamp >= since.replace(microsecond=0):
+        if status.state == "online" and stamp >= since:
             online.set()
         return 0
 

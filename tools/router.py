@@ -14,6 +14,7 @@ import contextlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,8 @@ class SimRouter:
     client_id: str | None = None
     session: str = field(default_factory=lambda: secrets.token_hex(6))
     heard: asyncio.Queue[Heard] = field(default_factory=asyncio.Queue)
+    on_heard: Callable[[Heard], None] | None = None
+    """Called for every decision heard, e.g. to tally a whole fleet's answers."""
     _client: gmqtt.Client | None = None
     _sent: dict[str, float] = field(default_factory=dict)
 
@@ -100,6 +103,8 @@ class SimRouter:
             decision, time.monotonic(), correlation[0] if correlation else None
         )
         self.heard.put_nowait(heard)
+        if self.on_heard is not None:
+            self.on_heard(heard)
         return 0
 
     def new_session(self) -> None:

@@ -1,0 +1,206 @@
+"""Crashes and restarts, through a real Mosquitto and a real gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.protocol import Decision
+from tests.conftest import GatewayProcess, PresenceWatch
+from tests.seeding import seed_tenant
+from tools.broker import Broker
+from tools.router import Heard, SimRouter
+
+pytestmark = pytest.mark.broker
+
+
+def line_of(database: Path, tenant: str) -> list[tuple[str, int]]:
+    """``(router, seated)`` of every router in line, in arrival order."""
+    with sqlite3.connect(database) as db:
+        rows = db.execute(
+            "SELECT router, seated FROM routers"
+            " WHERE tenant = ? AND arrival IS NOT NULL ORDER BY arrival",
+            (tenant,),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+
+def assert_prefix(line: list[tuple[str, int]], seats: int) -> None:
+    """The seated routers are exactly the first ``seats`` arrivals."""
+    seated = min(seats, len(line))
+    assert [s for _, s in line] == [1] * seated + [0] * (len(line) - seated)
+
+
+class Tally:
+    """A fleet's latest decision per router, awaitable by count."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Decision] = {}
+        self.heard = 0
+        self._changed = asyncio.Event()
+
+    def __call__(self, heard: Heard) -> None:
+        self.latest[heard.decision.router] = heard.decision
+        self.heard += 1
+        self._changed.set()
+
+    async def until(self, check: Callable[[Tally], bool], timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while not check(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def connect_all(
+    port: int, tenant: str, count: int, tally: Tally
+) -> list[SimRouter]:
+    routers = [
+        SimRouter("127.0.0.1", port, tenant, f"R{i:03d}", on_heard=tally)
+        for i in range(count)
+    ]
+    await asyncio.gather(*(r.connect() for r in routers))
+    return routers
+
+
+async def paced_hellos(routers: list[SimRouter], every: float) -> None:
+    """Hellos one by one, ``every`` seconds apart, as a fleet coming online."""
+    for router in routers:
+        router.hello()
+        await asyncio.sleep(every)
+
+
+async def test_gateway_killed_mid_fleet_keeps_seats_and_answers_every_hello(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """SIGKILL while a fleet says hello; after a restart every hello is answered."""
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T", basic1=20)
+    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
+    await gateway.start()
+    tally = Tally()
+    routers = await connect_all(broker.port, "T", 120, tally)
+    sender = asyncio.create_task(paced_hellos(routers, 0.005))
+    await tally.until(lambda t: t.heard >= 30)
+    gateway.kill()
+    answered_before = len(tally.latest)
+    await gateway.start()
+    await sender
+    await tally.until(lambda t: len(t.latest) == 120)
+    latest = tally.latest
+
+    line = line_of(database, "T")
+    assert len(line) == len({name for name, _ in line}) == 120
+    assert_prefix(line, 20)
+    seated = {name for name, s in line if s}
+    assert {n for n, d in latest.items() if d.decision == "accept"} == seated
+    assert answered_before < 120, "the kill came too late to test anything"
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()
+
+
+async def test_broker_restart_keeps_every_router_in_its_place(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Routers reconnect after a broker restart and keep seats and places."""
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T8", basic1=8)
+    gateway = GatewayProcess(
+        broker, database, tmp_path / "gw.log", **{"grace-seconds": 30}
+    )
+    await gateway.start()
+    routers = [
+        SimRouter("127.0.0.1", broker.port, "T8", f"R{i:02d}") for i in range(1, 11)
+    ]
+    before = {}
+    for router in routers:
+        await router.connect()
+        before[router.router], _ = await router.ask()
+    line_before = line_of(database, "T8")
+
+    broker.restart()
+    for router in routers:
+        router.new_session()
+        await router.connect()
+    after = {}
+    for router in routers:
+        after[router.router], _ = await router.ask(20)
+
+    assert {n: (d.decision, d.position) for n, d in after.items()} == {
+        n: (d.decision, d.position) for n, d in before.items()
+    }
+    assert line_of(database, "T8") == line_before
+    async with PresenceWatch(broker.port, "T8") as watch:
+        await watch.until(lambda w: len(w.latest()) == 10)
+        states = {n: p.state for n, p in watch.latest().items()}
+    assert states == {
+        f"R{i:02d}": "online" if i <= 8 else "waiting" for i in range(1, 11)
+    }
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()
+
+
+async def test_burst_of_hellos_right_after_broker_restart_is_decided_in_order(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Three hundred routers say hello the moment the broker is back."""
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T", basic25=4)
+    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
+    await gateway.start()
+    broker.restart()
+    tally = Tally()
+    routers = await connect_all(broker.port, "T", 300, tally)
+    for router in routers:
+        router.hello()
+    await tally.until(lambda t: len(t.latest) == 300)
+    latest = tally.latest
+    line = line_of(database, "T")
+    assert len(line) == 300
+    assert_prefix(line, 100)
+    accepted = {n for n, d in latest.items() if d.decision == "accept"}
+    assert accepted == {name for name, seated in line if seated}
+    positions = sorted(
+        d.position or 0 for d in latest.values() if d.decision == "reject"
+    )
+    assert positions == list(range(1, 201))
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()
+
+
+async def test_sigterm_finishes_in_flight_hellos_and_exits_cleanly(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """SIGTERM during a burst: answered hellos are durable, the rest wait."""
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T", basic1=30)
+    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
+    await gateway.start()
+    tally = Tally()
+    routers = await connect_all(broker.port, "T", 100, tally)
+    sender = asyncio.create_task(paced_hellos(routers, 0.005))
+    await tally.until(lambda t: t.heard >= 20)
+    assert gateway.stop() == 0
+    with sqlite3.connect(database) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    answered_before = len(tally.latest)
+    await gateway.start()
+    await sender
+    await tally.until(lambda t: len(t.latest) == 100)
+    latest = tally.latest
+    assert answered_before < 100, "the stop came too late to test anything"
+    line = line_of(database, "T")
+    assert len(line) == 100
+    assert_prefix(line, 30)
+    assert {n for n, d in latest.items() if d.decision == "accept"} == {
+        n for n, s in line if s
+    }
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()
