@@ -42,6 +42,7 @@ from policy.admission import (
     SeatChanged,
     Verdict,
 )
+from policy.licenses import License, State
 from policy.store import Store
 from policy.timeutil import to_text
 
@@ -71,6 +72,22 @@ class _Item:
 
 
 @dataclass(slots=True)
+class _Reload:
+    """A tenant's licenses as the tool left them, read by the watcher."""
+
+    tenant: str
+    licenses: list[License]
+    states: dict[str, State]
+
+
+class _Republish:
+    """After a (re)connect: make every router's retained presence current."""
+
+
+Work = _Item | _Reload | _Republish
+
+
+@dataclass(slots=True)
 class _Batch:
     events: list[Event] = field(default_factory=list)
     replies: list[tuple[str, bytes, bytes | None]] = field(default_factory=list)
@@ -93,14 +110,12 @@ class Gateway:
         self.decisions: Counter[str] = Counter()
         self.suspected_duplicates: Counter[str] = Counter()
         self._resumes: dict[tuple[str, str], deque[datetime]] = {}
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._queue: asyncio.Queue[Work] = asyncio.Queue()
         self._mqtt: Mqtt | None = None
         self._logged: set[tuple[str, str]] = set()
         self._change_seq = 0
         self._version = -1
-        self._next_poll = 0.0
         self._startup: list[Event] = []
-        self._republish = False
         self.ready = asyncio.Event()
         """Set once subscribed and announced; the retained status says so too."""
 
@@ -130,7 +145,13 @@ class Gateway:
             window=self.settings.publish_window,
         )
         async with self._mqtt:
-            await self._decide_until(stop)
+            watcher = asyncio.create_task(self._watch_store(stop), name="watch-store")
+            try:
+                await self._decide_until(stop)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             await self._publish(status, offline, retain=True)
         log.info("gateway stopped", decisions=dict(self.decisions))
 
@@ -173,9 +194,9 @@ class Gateway:
         await self._publish(
             protocol.status_topic(prefix, self.settings.gateway_id), status, retain=True
         )
-        # The decider republishes presence before its next batch, so that
-        # all presence leaves from one task, in order.
-        self._republish = True
+        # The decider republishes presence, so that all presence leaves from
+        # one task, in order.
+        self._queue.put_nowait(_Republish())
         self.ready.set()
 
     async def _republish_presence(self) -> None:
@@ -184,7 +205,6 @@ class Gateway:
         Done after every (re)connect: a broker that restarted may have lost
         retained messages, or kept older ones from its last snapshot.
         """
-        self._republish = False
         now = self.clock()
         for tenant in list(self.admission.lines):
             for row in await self.store.routers(tenant):
@@ -281,9 +301,9 @@ class Gateway:
         finally:
             stopping.cancel()
 
-    async def _next_batch(self, stopping: asyncio.Future[bool]) -> list[_Item]:
+    async def _next_batch(self, stopping: asyncio.Future[bool]) -> list[Work]:
         """Wait for work (or a deadline), then take what is queued, in order."""
-        batch: list[_Item] = []
+        batch: list[Work] = []
         if self._queue.empty() and not stopping.done():
             getter = asyncio.ensure_future(self._queue.get())
             waiting: set[asyncio.Future[object]] = {getter, stopping}  # type: ignore[arg-type]
@@ -302,24 +322,30 @@ class Gateway:
             batch.append(self._queue.get_nowait())
         return batch
 
-    def _idle_timeout(self) -> float:
-        loop_now = asyncio.get_running_loop().time()
-        timeout = max(0.0, self._next_poll - loop_now)
+    def _idle_timeout(self) -> float | None:
         deadline = self.admission.next_deadline()
-        if deadline is not None:
-            until = (deadline - self.clock()).total_seconds()
-            timeout = min(timeout, max(0.0, until))
-        return timeout
+        timeout = (
+            None if deadline is None else (deadline - self.clock()).total_seconds()
+        )
+        return None if timeout is None else max(0.0, timeout)
 
-    async def _decide(self, items: list[_Item]) -> None:
-        if self._republish:
+    async def _decide(self, work: list[Work]) -> None:
+        if any(isinstance(entry, _Republish) for entry in work):
             await self._republish_presence()
         now = self.clock()
         batch = _Batch()
-        await self._reload_if_changed(now, batch)
         batch.events += self.admission.advance(now).events
-        for item in items:
-            self._decide_one(item, now, batch)
+        items = []
+        for entry in work:
+            if isinstance(entry, _Reload):
+                outcome = self.admission.load_tenant(
+                    entry.tenant, entry.licenses, entry.states, now
+                )
+                batch.events += outcome.events
+                log.info("licenses reloaded", tenant=entry.tenant)
+            elif isinstance(entry, _Item):
+                self._decide_one(entry, now, batch)
+                items.append(entry)
         try:
             await self.store.apply(batch.events, now)
         except Exception as exc:
@@ -385,23 +411,24 @@ class Gateway:
         if len(self._resumes) > 100_000:
             self._resumes.clear()
 
-    async def _reload_if_changed(self, now: datetime, batch: _Batch) -> None:
-        """Pick up what the tool committed since the last look."""
-        loop_now = asyncio.get_running_loop().time()
-        if loop_now < self._next_poll:
-            return
-        self._next_poll = loop_now + self.settings.poll_seconds
-        version = await self.store.poll_version()
-        if version == self._version:
-            return
-        self._version = version
-        self._change_seq, tenants = await self.store.changes_after(self._change_seq)
-        for tenant in sorted(tenants):
-            licenses = await self.store.licenses(tenant)
-            states = await self.store.license_states(tenant)
-            outcome = self.admission.load_tenant(tenant, licenses, states, now)
-            batch.events += outcome.events
-            log.info("licenses reloaded", tenant=tenant, licenses=len(licenses))
+    async def _watch_store(self, stop: asyncio.Event) -> None:
+        """Queue a reload for each tenant the tool changed, within a second.
+
+        The reading happens here, not in the decider, so that hellos are not
+        held up while a tenant's thousands of licenses are read.
+        """
+        while not stop.is_set():
+            version = await self.store.poll_version()
+            if version != self._version:
+                self._version = version
+                seq, tenants = await self.store.changes_after(self._change_seq)
+                self._change_seq = seq
+                for tenant in sorted(tenants):
+                    licenses = await self.store.licenses(tenant)
+                    states = await self.store.license_states(tenant)
+                    self._queue.put_nowait(_Reload(tenant, licenses, states))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.poll_seconds)
 
     # -- publishing -------------------------------------------------------------
 

@@ -18,7 +18,7 @@ already non-redeemable.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -87,16 +87,19 @@ class License:
     issued_at: datetime
     imported_at: datetime
     activation_at: datetime | None = None
+    expires_at: datetime | None = field(init=False, compare=False, repr=False)
+    stock_limit: datetime = field(init=False, compare=False, repr=False)
 
-    @property
-    def expires_at(self) -> datetime | None:
-        if self.activation_at is None:
-            return None
-        return add_months(self.activation_at, self.term_months)
-
-    @property
-    def stock_limit(self) -> datetime:
-        return add_months(self.issued_at, STOCK_MONTHS)
+    def __post_init__(self) -> None:
+        # Derived once: a tenant's licenses are re-examined at every license
+        # instant and every change the tool makes, thousands at a time.
+        expires = None
+        if self.activation_at is not None:
+            expires = add_months(self.activation_at, self.term_months)
+        object.__setattr__(self, "expires_at", expires)
+        object.__setattr__(
+            self, "stock_limit", add_months(self.issued_at, STOCK_MONTHS)
+        )
 
 
 def paid_since(licenses: Iterable[License]) -> datetime | None:

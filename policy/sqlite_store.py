@@ -9,11 +9,13 @@ decisions in batches, so the cost of the fsync is shared by the batch.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,17 @@ SCHEMA = [
         imported_at    TEXT NOT NULL,
         activation_at  TEXT,
         state          TEXT NOT NULL,     -- last state recorded in the audit log
-        code           TEXT NOT NULL
+        code           TEXT NOT NULL,
+        batch          TEXT               -- the import it came in, if a file
     );
     CREATE INDEX licenses_by_tenant ON licenses(tenant);
+    CREATE TABLE import_batches (
+        batch       TEXT PRIMARY KEY,
+        tenant      TEXT NOT NULL,
+        started_at  TEXT NOT NULL,
+        rows        INTEGER NOT NULL,
+        committed   INTEGER NOT NULL DEFAULT 0
+    );
     CREATE TABLE routers (
         tenant      TEXT NOT NULL REFERENCES tenants(tenant),
         router      TEXT NOT NULL,
@@ -73,7 +83,8 @@ SCHEMA = [
         subject_id  TEXT NOT NULL,
         event       TEXT NOT NULL,
         detail      TEXT NOT NULL,
-        actor       TEXT NOT NULL
+        actor       TEXT NOT NULL,
+        batch       TEXT
     );
     CREATE INDEX audit_by_subject ON audit(tenant, subject, subject_id);
     CREATE TABLE changes (
@@ -85,27 +96,42 @@ SCHEMA = [
 ]
 
 GATEWAY = "gateway"
+IMPORT_CHUNK = 250
+"""Rows an import writes per transaction: a few milliseconds of write lock."""
+IMPORT_PAUSE = 0.005
+"""Seconds an import leaves the write lock free between chunks."""
+STALE_IMPORT = timedelta(minutes=10)
+"""An import batch left uncommitted this long was abandoned (a crash)."""
+VISIBLE = (
+    "(batch IS NULL OR batch IN (SELECT batch FROM import_batches WHERE committed))"
+)
+"""Rows of an import become visible all at once, when its batch commits."""
 
 
 class SqliteStore:
     """:class:`policy.store.Store` on one SQLite file."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, lock_timeout: float) -> None:
         self._db = db
+        self._lock_timeout = lock_timeout
 
     @classmethod
-    async def open(cls, path: str | Path, busy_timeout_ms: int = 10_000) -> SqliteStore:
-        """Open (and create or migrate) the database at ``path``."""
+    async def open(cls, path: str | Path, lock_timeout: float = 10.0) -> SqliteStore:
+        """Open (and create or migrate) the database at ``path``.
+
+        ``lock_timeout`` is how long a write waits for another process's
+        write to finish before it fails.
+        """
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
-            await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            await db.execute("PRAGMA busy_timeout = 2")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
-        store = cls(db)
+        store = cls(db, lock_timeout)
         await store._migrate()
         return store
 
@@ -114,10 +140,7 @@ class SqliteStore:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        try:
-            await self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot start a write: {exc}") from exc
+        await self._lock()
         try:
             yield self._db
         except BaseException:
@@ -128,6 +151,30 @@ class SqliteStore:
         except sqlite3.Error as exc:
             await self._db.execute("ROLLBACK")
             raise StoreError(f"commit failed, nothing was written: {exc}") from exc
+
+    async def _lock(self) -> None:
+        """Take the write lock, polling every millisecond while another has it.
+
+        SQLite's own busy handler sleeps in growing steps of up to 100 ms, so
+        a writer that waits behind a run of short transactions (the tool's
+        import chunks) could miss every gap between them for hundreds of
+        milliseconds. Polling finely gets the gateway in at the next gap.
+        """
+        deadline = asyncio.get_running_loop().time() + self._lock_timeout
+        while True:
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreError(f"cannot start a write: {exc}") from exc
+                if asyncio.get_running_loop().time() > deadline:
+                    raise StoreError(
+                        f"the database stayed locked by another writer for "
+                        f"{self._lock_timeout:g} s: {exc}"
+                    ) from exc
+                await asyncio.sleep(0.001)
+            else:
+                return
 
     async def _migrate(self) -> None:
         async with self._write() as db:
@@ -184,14 +231,17 @@ class SqliteStore:
     async def licenses(self, tenant: str) -> list[License]:
         rows = await self._db.execute_fetchall(
             "SELECT id, tenant, kind, capacity, term_months, issued_at, imported_at,"
-            " activation_at FROM licenses WHERE tenant = ? ORDER BY imported_at, id",
+            f" activation_at FROM licenses WHERE tenant = ? AND {VISIBLE}"
+            " ORDER BY imported_at, id",
             (tenant,),
         )
-        return [_license(r) for r in rows]
+        # Thousands of rows take tens of milliseconds to convert: in a worker
+        # thread, the event loop keeps serving hellos meanwhile.
+        return await asyncio.to_thread(_licenses, list(rows))
 
     async def license_states(self, tenant: str) -> dict[str, State]:
         rows = await self._db.execute_fetchall(
-            "SELECT id, state FROM licenses WHERE tenant = ?", (tenant,)
+            f"SELECT id, state FROM licenses WHERE tenant = ? AND {VISIBLE}", (tenant,)
         )
         return {r[0]: State(r[1]) for r in rows}
 
@@ -214,38 +264,52 @@ class SqliteStore:
         now: datetime,
         actor: str,
     ) -> None:
+        """Add licenses all or nothing, without holding the write lock long.
+
+        A large import is written in chunks of :data:`IMPORT_CHUNK`, each its
+        own short transaction, into a batch that stays invisible; a last tiny
+        transaction commits the batch, and with it every row at once. So the
+        gateway's own commits slip in between the chunks instead of waiting
+        for one long transaction.
+        """
         stamp = to_text(now)
+        batch = uuid.uuid4().hex
+        await self._forget_abandoned_imports(now)
         async with self._write() as db:
-            try:
-                await db.executemany(
-                    "INSERT INTO licenses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        _license_params(lic, State.AVAILABLE, code)
-                        for lic, code in items
-                    ],
-                )
-            except sqlite3.IntegrityError as exc:
-                raise RuleViolation(
-                    f"a license was redeemed by someone else meanwhile: {exc}"
-                ) from exc
-            await _audit_many(
-                db,
-                [
-                    (
-                        stamp,
-                        tenant,
-                        "license",
-                        lic.id,
-                        "imported",
-                        json.dumps({"kind": lic.kind.value, "state": "available"}),
-                        actor,
-                    )
-                    for lic, _ in items
-                ],
+            await db.execute(
+                "INSERT INTO import_batches VALUES (?, ?, ?, ?, 0)",
+                (batch, tenant, stamp, len(items)),
+            )
+        try:
+            for start in range(0, len(items), IMPORT_CHUNK):
+                chunk = items[start : start + IMPORT_CHUNK]
+                async with self._write() as db:
+                    await _insert_licenses(db, chunk, stamp, actor, batch)
+                # A gap for the gateway, which polls for the lock every 1 ms.
+                await asyncio.sleep(IMPORT_PAUSE)
+        except BaseException:
+            await self._drop_batch(batch)
+            raise
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE import_batches SET committed = 1 WHERE batch = ?", (batch,)
             )
             await db.execute(
                 "INSERT INTO changes (tenant, at) VALUES (?, ?)", (tenant, stamp)
             )
+
+    async def _drop_batch(self, batch: str) -> None:
+        async with self._write() as db:
+            for table in ("licenses", "audit", "import_batches"):
+                await db.execute(f"DELETE FROM {table} WHERE batch = ?", (batch,))
+
+    async def _forget_abandoned_imports(self, now: datetime) -> None:
+        rows = await self._db.execute_fetchall(
+            "SELECT batch, started_at FROM import_batches WHERE NOT committed"
+        )
+        for batch, started in rows:
+            if now - _instant(started) > STALE_IMPORT:
+                await self._drop_batch(batch)
 
     async def save_activations(
         self,
@@ -350,7 +414,10 @@ class SqliteStore:
         subject_id: str | None = None,
         limit: int = 200,
     ) -> list[AuditEntry]:
-        query = "SELECT * FROM audit WHERE tenant = ?"
+        query = (
+            "SELECT seq, at, tenant, subject, subject_id, event, detail, actor"
+            f" FROM audit WHERE tenant = ? AND {VISIBLE}"
+        )
         params: list[Any] = [tenant]
         if subject is not None:
             query += " AND subject = ?"
@@ -494,6 +561,37 @@ class _Writes:
         await _audit_many(db, self.audit)
 
 
+async def _insert_licenses(
+    db: aiosqlite.Connection,
+    items: Sequence[tuple[License, str]],
+    stamp: str | None,
+    actor: str,
+    batch: str,
+) -> None:
+    try:
+        await db.executemany(
+            "INSERT INTO licenses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (*_license_params(lic, State.AVAILABLE, code), batch)
+                for lic, code in items
+            ],
+        )
+    except sqlite3.IntegrityError as exc:
+        raise RuleViolation(
+            f"a license of this import was redeemed meanwhile ({exc}); nothing "
+            "was imported: run the import again to see which"
+        ) from exc
+    await db.executemany(
+        "INSERT INTO audit (at, tenant, subject, subject_id, event, detail, actor,"
+        " batch) VALUES (?, ?, 'license', ?, 'imported', ?, ?, ?)",
+        [(stamp, lic.tenant, lic.id, _imported(lic), actor, batch) for lic, _ in items],
+    )
+
+
+def _imported(lic: License) -> str:
+    return json.dumps({"kind": lic.kind.value, "state": State.AVAILABLE.value})
+
+
 async def _one(
     db: aiosqlite.Connection, query: str, params: Iterable[Any] = ()
 ) -> sqlite3.Row | None:
@@ -549,6 +647,10 @@ def _license(row: Sequence[Any]) -> License:
         imported_at=_instant(row[6]),
         activation_at=from_text(row[7]),
     )
+
+
+def _licenses(rows: list[Any]) -> list[License]:
+    return [_license(r) for r in rows]
 
 
 def _license_params(lic: License, state: State, code: str) -> tuple[Any, ...]:

@@ -28,8 +28,11 @@ def add_months(moment: datetime, months: int) -> datetime:
     """
     index = moment.month - 1 + months
     year, month = moment.year + index // 12, index % 12 + 1
-    day = min(moment.day, calendar.monthrange(year, month)[1])
-    return moment.replace(year=year, month=month, day=day)
+    last = _DAYS[month] + (month == 2 and calendar.isleap(year))
+    return moment.replace(year=year, month=month, day=min(moment.day, last))
+
+
+_DAYS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
 def zone(name: str) -> ZoneInfo:

@@ -43,8 +43,14 @@ def tool(
     command = [str(BIN / "irm-tool"), "--database", str(database)]
     if now is not None:
         command += ["--now", now]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRM_")}
     return subprocess.run(
-        [*command, *args], capture_output=True, text=True, check=False, timeout=120
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=env,
     )
 
 

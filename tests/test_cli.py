@@ -1,0 +1,604 @@
+"""irm-tool in process: a temporary SQLite file, codes minted with the demo key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from policy.admission import Joined, Place
+from policy.codes import CodePayload, fingerprint, mint
+from policy.csvimport import write_sales_csv
+from policy.licenses import Kind
+from policy.sqlite_store import SqliteStore
+from tools import keys
+from tools.cli import cli
+
+DEMO_KEY = keys.load_private_key(keys.DEMO_PRIVATE_KEY_PATH)
+NOW = "2025-06-01T10:00:00Z"
+ISSUED = datetime(2025, 1, 10, tzinfo=UTC)  # stock limit 2027-01-10T00:00:00Z
+# The tests must not pick up a database, key or clock from the shell.
+CLEAN_ENV: dict[str, str | None] = dict.fromkeys(
+    ("IRM_DATABASE", "IRM_VENDOR_PUBLIC_KEY", "IRM_VENDOR_PRIVATE_KEY", "IRM_NOW")
+)
+CAPACITY = {Kind.BASIC_1: 1, Kind.BASIC_25: 25, Kind.FREE: 1000}
+
+
+def payload(lid: str, kind: Kind = Kind.BASIC_1, term_months: int = 12) -> CodePayload:
+    return CodePayload(lid, kind, CAPACITY[kind], term_months, ISSUED)
+
+
+def code(
+    lid: str,
+    kind: Kind = Kind.BASIC_1,
+    term_months: int = 12,
+    key: Ed25519PrivateKey = DEMO_KEY,
+) -> str:
+    return mint(key, payload(lid, kind, term_months))
+
+
+class Tool:
+    """irm-tool against one database, at ``NOW`` unless told otherwise."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.runner = CliRunner(env=CLEAN_ENV)
+
+    def run(self, *args: str, now: str = NOW, stdin: str | None = None) -> Result:
+        argv = ["--database", str(self.db), "--now", now, *args]
+        return self.runner.invoke(cli, argv, input=stdin, catch_exceptions=False)
+
+    def ok(self, *args: str, now: str = NOW, stdin: str | None = None) -> Result:
+        result = self.run(*args, now=now, stdin=stdin)
+        assert result.exit_code == 0, result.output
+        return result
+
+    def fails(self, *args: str, now: str = NOW) -> Result:
+        result = self.run(*args, now=now)
+        assert result.exit_code == 1, result.output
+        said = [line for line in result.stderr.splitlines() if "DEMO" not in line]
+        assert said[0].startswith("irm-tool: "), result.stderr
+        return result
+
+    def json(self, *args: str, now: str = NOW) -> Any:
+        return json.loads(self.ok(*args, "--json", now=now).stdout)
+
+    def licenses(self, tenant: str = "acme", now: str = NOW) -> dict[str, Any]:
+        found = self.json("licenses", "--tenant", tenant, now=now)["licenses"]
+        return {lic["id"]: lic for lic in found}
+
+    def add(self, tenant: str, *codes: str) -> None:
+        for one in codes:
+            self.ok("import", "--tenant", tenant, one)
+
+
+@pytest.fixture
+def tool(tmp_path: Path) -> Tool:
+    """A tool whose database holds tenant acme, in Europe/Berlin."""
+    made = Tool(tmp_path / "irm.db")
+    made.ok("tenant", "add", "acme", "--tz", "Europe/Berlin")
+    return made
+
+
+# -- import ----------------------------------------------------------------------
+
+
+def test_importing_one_code_adds_an_available_license_without_echoing_the_code(
+    tool: Tool,
+) -> None:
+    one = code("L1", Kind.BASIC_25)
+
+    result = tool.ok("import", "--tenant", "acme", one)
+
+    assert "imported license L1" in result.stdout
+    assert fingerprint(one) in result.stdout
+    assert one not in result.output
+    assert "using the DEMO vendor key" in result.stderr
+    lic = tool.licenses()["L1"]
+    assert (lic["state"], lic["kind"], lic["capacity"]) == (
+        "available",
+        "cloud-basic-25",
+        25,
+    )
+    assert lic["activation_at"] is None
+    assert lic["stock_limit"] == "2027-01-10T00:00:00Z"
+
+
+def test_importing_a_code_from_stdin_with_dash_works_like_an_argument(
+    tool: Tool,
+) -> None:
+    tool.ok("import", "--tenant", "acme", "-", stdin=code("L1") + "\n")
+
+    assert list(tool.licenses()) == ["L1"]
+
+
+def test_importing_a_code_again_says_already_present_and_succeeds(tool: Tool) -> None:
+    one = code("L1")
+    tool.add("acme", one)
+
+    result = tool.ok("import", "--tenant", "acme", one)
+
+    assert "license L1 is already present in tenant acme" in result.stdout
+    assert list(tool.licenses()) == ["L1"]
+    imported = tool.json("audit", "--tenant", "acme", "--license", "L1")["entries"]
+    assert [entry["event"] for entry in imported] == ["imported"]
+
+
+def test_a_code_redeemed_in_one_tenant_is_refused_in_another(tool: Tool) -> None:
+    one = code("L1")
+    tool.add("acme", one)
+    tool.ok("tenant", "add", "other")
+
+    result = tool.fails("import", "--tenant", "other", one)
+
+    assert "license L1 is already redeemed in another tenant" in result.stderr
+    assert tool.licenses("other") == {}
+
+
+def test_a_forged_code_is_refused(tool: Tool) -> None:
+    forged = code("L1", key=Ed25519PrivateKey.generate())
+
+    result = tool.fails("import", "--tenant", "acme", forged)
+
+    assert "does not match the vendor key" in result.stderr
+    assert forged not in result.output
+    assert tool.licenses() == {}
+
+
+def test_a_code_past_its_stock_limit_is_refused_as_non_redeemable(tool: Tool) -> None:
+    result = tool.fails("import", "--tenant", "acme", code("L1"), now="2027-01-10")
+
+    assert "non-redeemable" in result.stderr
+
+
+def test_a_german_bom_semicolon_crlf_csv_imports_like_the_plain_one(
+    tool: Tool, tmp_path: Path
+) -> None:
+    kinds = {"L1": Kind.BASIC_1, "L2": Kind.BASIC_25, "L3": Kind.FREE}
+    minted = [(payload(lid, kind), code(lid, kind)) for lid, kind in kinds.items()]
+    plain, german = tmp_path / "plain.csv", tmp_path / "german.csv"
+    plain.write_bytes(write_sales_csv(minted))
+    german.write_bytes(write_sales_csv(minted, german=True))
+    assert german.read_bytes().startswith(b"\xef\xbb\xbfLizenz-ID;")
+    assert b"\r\n" in german.read_bytes()
+    second = Tool(tmp_path / "second.db")
+    second.ok("tenant", "add", "acme", "--tz", "Europe/Berlin")
+
+    from_plain = tool.json("import", "--tenant", "acme", "--csv", str(plain))
+    from_german = second.json("import", "--tenant", "acme", "--csv", str(german))
+
+    assert from_german == from_plain
+    assert [row["license"] for row in from_plain["new"]] == ["L1", "L2", "L3"]
+    assert second.licenses() == tool.licenses()
+
+
+def test_a_csv_with_bad_rows_lists_every_bad_line_and_stores_nothing(
+    tool: Tool, tmp_path: Path
+) -> None:
+    rows = [
+        "license_id,kind,code",
+        f"L1,Cloud Basic 1,{code('L1')}",
+        f"L2,Cloud Basic 1,{code('L2', key=Ed25519PrivateKey.generate())}",
+        f"L3,Cloud Basic 1,{code('L3', Kind.BASIC_25)}",
+        f"L1,Cloud Basic 1,{code('L1')}",
+        f"L5,Cloud Basic 1,{code('L5')}",
+    ]
+    path = tmp_path / "sales.csv"
+    path.write_text("\n".join(rows) + "\n")
+
+    result = tool.fails("import", "--tenant", "acme", "--csv", str(path))
+
+    assert "3 bad row(s), nothing imported" in result.stderr
+    bad = [line for line in result.stderr.splitlines() if "line " in line]
+    assert [line.split(":")[0].strip() for line in bad] == [
+        "line 3",
+        "line 4",
+        "line 5",
+    ]
+    assert "signature does not match" in bad[0]
+    assert "Cloud Basic 25" in bad[1]
+    assert "repeats line 2" in bad[2]
+    assert tool.licenses() == {}
+
+
+def test_a_dry_run_reports_the_import_and_writes_nothing(
+    tool: Tool, tmp_path: Path
+) -> None:
+    path = tmp_path / "sales.csv"
+    path.write_bytes(write_sales_csv([(payload("L1"), code("L1"))]))
+
+    from_file = tool.ok("import", "--tenant", "acme", "--csv", str(path), "--dry-run")
+    one = tool.ok("import", "--tenant", "acme", code("L2"), "--dry-run")
+
+    assert "line 2: would import license L1" in from_file.stdout
+    assert "dry run, nothing written: 1 would be imported" in from_file.stdout
+    assert "would import license L2" in one.stdout
+    assert tool.licenses() == {}
+    entries = tool.json("audit", "--tenant", "acme")["entries"]
+    assert [entry["event"] for entry in entries] == ["created"]
+
+
+# -- activate --------------------------------------------------------------------
+
+
+def test_activating_now_makes_a_license_active_until_its_term_ends(tool: Tool) -> None:
+    tool.add("acme", code("L1"))
+
+    result = tool.ok("activate", "--tenant", "acme", "L1")
+
+    assert "L1" in result.stdout
+    assert "active" in result.stdout
+    lic = tool.licenses()["L1"]
+    assert lic["state"] == "active"
+    assert lic["activation_at"] == NOW
+    assert lic["expires_at"] == "2026-06-01T10:00:00Z"
+
+
+def test_activating_at_a_bare_date_schedules_midnight_in_the_tenant_zone(
+    tool: Tool,
+) -> None:
+    tool.add("acme", code("L1"))
+
+    tool.ok("activate", "--tenant", "acme", "L1", "--at", "2025-12-01")
+
+    lic = tool.licenses()["L1"]
+    assert lic["state"] == "scheduled"
+    assert lic["activation_at"] == "2025-11-30T23:00:00Z"  # midnight CET
+    assert lic["expires_at"] == "2026-11-30T23:00:00Z"
+    assert tool.licenses(now="2025-11-30T22:59:59Z")["L1"]["state"] == "scheduled"
+    assert tool.licenses(now="2025-11-30T23:00:00Z")["L1"]["state"] == "active"
+
+
+def test_activation_past_the_stock_limit_is_refused(tool: Tool) -> None:
+    tool.add("acme", code("L1"))
+
+    result = tool.fails("activate", "--tenant", "acme", "L1", "--at", "2027-01-11")
+
+    assert "stock limit 2027-01-10T00:00:00Z of license L1" in result.stderr
+    assert tool.licenses()["L1"]["state"] == "available"
+
+
+def test_activation_on_the_stock_limit_date_is_allowed_before_it_in_utc(
+    tool: Tool,
+) -> None:
+    # 2027-01-10 in Berlin starts at 2027-01-09T23:00Z, before the limit.
+    tool.add("acme", code("L1"))
+
+    tool.ok("activate", "--tenant", "acme", "L1", "--at", "2027-01-10")
+
+    assert tool.licenses()["L1"]["activation_at"] == "2027-01-09T23:00:00Z"
+
+
+def test_activating_a_license_that_is_not_available_is_refused(tool: Tool) -> None:
+    tool.add("acme", code("L1"))
+    tool.ok("activate", "--tenant", "acme", "L1")
+
+    result = tool.fails("activate", "--tenant", "acme", "L1")
+
+    assert "license L1 is active; only available licenses" in result.stderr
+
+
+def test_one_refused_license_refuses_the_whole_activation(tool: Tool) -> None:
+    tool.add("acme", code("L1"), code("L2"))
+    tool.ok("activate", "--tenant", "acme", "L2")
+
+    result = tool.fails("activate", "--tenant", "acme", "L1", "L2")
+
+    assert "license L2" in result.stderr
+    assert tool.licenses()["L1"]["state"] == "available"
+
+
+def test_activating_a_license_the_tenant_does_not_have_is_refused(tool: Tool) -> None:
+    result = tool.fails("activate", "--tenant", "acme", "nope")
+
+    assert "tenant acme has no license nope" in result.stderr
+
+
+def test_all_available_activates_every_available_license(tool: Tool) -> None:
+    tool.add("acme", code("L1"), code("L2"), code("L3", Kind.BASIC_25))
+
+    tool.ok("activate", "--tenant", "acme", "--all-available")
+
+    assert {lic["state"] for lic in tool.licenses().values()} == {"active"}
+    shown = tool.json("tenant", "show", "acme")
+    assert shown["capacity"] == {"seats": 27, "tier": "full"}
+
+
+def test_a_paid_activation_warns_and_invalidates_the_cloud_free_license(
+    tool: Tool,
+) -> None:
+    tool.add("acme", code("F1", Kind.FREE), code("F2", Kind.FREE))
+    tool.add("acme", code("P1"), code("P2"))
+    tool.ok("activate", "--tenant", "acme", "F1")
+
+    later = tool.ok("activate", "--tenant", "acme", "P1", "--at", "2025-09-01")
+    free = tool.licenses()["F1"]
+    now = tool.json("activate", "--tenant", "acme", "P2")
+
+    assert "Cloud Free license F1 becomes invalid for good" in later.stdout
+    assert "2025-09-01 00:00 CEST" in later.stdout
+    assert (free["state"], free["invalidated_at"]) == ("active", "2025-08-31T22:00:00Z")
+    assert now["invalidates"] == [{"license": "F1", "at": NOW}]
+    assert tool.licenses()["F1"]["state"] == "invalidated"
+    refused = tool.fails("activate", "--tenant", "acme", "F2", "--at", "2026-07-01")
+    assert "never combined with paid licenses" in refused.stderr
+
+
+# -- listing ---------------------------------------------------------------------
+
+
+def test_licenses_state_filter_finds_a_license_that_expired_by_time(
+    tool: Tool,
+) -> None:
+    past = "2025-01-15T09:00:00Z"
+    tool.ok("import", "--tenant", "acme", code("L1", term_months=1), now=past)
+    tool.ok("import", "--tenant", "acme", code("L2"), now=past)
+    tool.ok("activate", "--tenant", "acme", "L1", now=past)
+
+    expired = tool.json("licenses", "--tenant", "acme", "--state", "expired")
+    available = tool.json("licenses", "--tenant", "acme", "--state", "available")
+
+    assert [lic["id"] for lic in expired["licenses"]] == ["L1"]
+    assert expired["licenses"][0]["expires_at"] == "2025-02-15T09:00:00Z"
+    assert [lic["id"] for lic in available["licenses"]] == ["L2"]
+
+
+def _seat(db: Path, places: list[tuple[str, int, bool]]) -> None:
+    """Put routers in line as the gateway would: (router, arrival, seated)."""
+
+    async def write() -> None:
+        store = await SqliteStore.open(db)
+        lease = datetime(2025, 6, 1, 10, 5, tzinfo=UTC)
+        events = [
+            Joined(
+                Place("acme", router, f"s-{router}", 3, arrival, seated, lease), False
+            )
+            for router, arrival, seated in places
+        ]
+        await store.apply(events, datetime(2025, 6, 1, 10, 1, tzinfo=UTC))
+        await store.close()
+
+    asyncio.run(write())
+
+
+def test_routers_json_lists_each_router_with_its_place_in_line(tool: Tool) -> None:
+    registered = tool.ok("routers", "register", "--tenant", "acme", "R01", "R02")
+    tool.ok("routers", "--tenant", "acme", "register", "R03", "R04", "R01")
+    _seat(tool.db, [("R03", 7, False), ("R01", 5, True), ("R02", 6, False)])
+
+    listed = tool.json("routers", "--tenant", "acme")
+    table = tool.ok("routers", "--tenant", "acme")
+
+    assert "registered 2 router(s): R01 R02" in registered.stdout
+    assert listed["tenant"] == "acme"
+    by_name = {r["router"]: r for r in listed["routers"]}
+    assert by_name["R01"] == {
+        "router": "R01",
+        "state": "online",
+        "online": True,
+        "position": None,
+        "epoch": 3,
+        "since": "2025-06-01T10:01:00Z",
+    }
+    assert [(r["router"], r["state"], r["position"]) for r in listed["routers"]] == [
+        ("R01", "online", None),
+        ("R02", "waiting", 1),
+        ("R03", "waiting", 2),
+        ("R04", "offline", None),
+    ]
+    assert by_name["R04"]["epoch"] == 0
+    assert "1 online, 2 waiting, 1 offline" in table.stdout
+
+
+def test_audit_json_shows_imports_and_activations_by_admin(tool: Tool) -> None:
+    tool.add("acme", code("L1"), code("L2"))
+    tool.ok("activate", "--tenant", "acme", "L1", "--at", "2025-07-01")
+
+    everything = tool.json("audit", "--tenant", "acme")["entries"]
+    one = tool.json("audit", "--tenant", "acme", "--license", "L1")["entries"]
+    latest = tool.json("audit", "--tenant", "acme", "--limit", "1")["entries"]
+
+    events = [(e["subject_id"], e["event"], e["actor"]) for e in everything]
+    assert events == [
+        ("acme", "created", "admin"),
+        ("L1", "imported", "admin"),
+        ("L2", "imported", "admin"),
+        ("L1", "activated", "admin"),
+    ]
+    assert [e["event"] for e in one] == ["imported", "activated"]
+    assert one[1]["detail"]["activation_at"] == "2025-06-30T22:00:00Z"
+    assert one[1]["at"] == NOW
+    assert latest == everything[-1:]
+
+
+def test_tenant_show_json_gives_capacity_now_and_over_the_coming_year(
+    tool: Tool,
+) -> None:
+    tool.add("acme", code("B25", Kind.BASIC_25), code("B1"), code("B1b"))
+    tool.ok("activate", "--tenant", "acme", "B25")
+    tool.ok("activate", "--tenant", "acme", "B1", "--at", "2025-09-01")
+    tool.ok("routers", "register", "--tenant", "acme", "R01")
+
+    shown = tool.json("tenant", "show", "acme")
+
+    assert shown["capacity"] == {"seats": 25, "tier": "full"}
+    timeline = {point["at"]: point for point in shown["timeline"]}
+    assert timeline[NOW]["seats"] == 25
+    assert timeline["2025-06-30T22:00:00Z"] == {
+        "at": "2025-06-30T22:00:00Z",
+        "seats": 25,
+        "tier": "full",
+        "changes": [],
+    }
+    change = timeline["2025-08-31T22:00:00Z"]
+    assert change["seats"] == 26
+    assert change["changes"] == [{"license": "B1", "from": "scheduled", "to": "active"}]
+    assert timeline["2026-06-01T10:00:00Z"]["seats"] == 1  # B25 expires
+    month_starts = [
+        at for at in timeline if at.endswith("T22:00:00Z") or at.endswith("T23:00:00Z")
+    ]
+    assert len(month_starts) == 12
+    assert shown["next_event"] == change
+    assert [lic["id"] for lic in shown["licenses"]["active"]] == ["B25"]
+    assert [lic["id"] for lic in shown["licenses"]["scheduled"]] == ["B1"]
+    assert [lic["id"] for lic in shown["licenses"]["available"]] == ["B1b"]
+    assert shown["routers"] == {"online": 0, "waiting": 0, "offline": 1}
+
+
+def test_tenant_list_shows_each_tenant_with_its_seats_now(tool: Tool) -> None:
+    tool.ok("tenant", "add", "beta")
+    tool.add("acme", code("L1"))
+    tool.ok("activate", "--tenant", "acme", "L1")
+
+    listed = tool.json("tenant", "list")["tenants"]
+
+    assert [(t["tenant"], t["tz"], t["seats"]) for t in listed] == [
+        ("acme", "Europe/Berlin", 1),
+        ("beta", "UTC", 0),
+    ]
+
+
+def test_tenant_add_refuses_an_unknown_time_zone(tool: Tool) -> None:
+    result = tool.fails("tenant", "add", "beta", "--tz", "Mars/Olympus")
+
+    assert "'Mars/Olympus' is not an IANA zone name" in result.stderr
+
+
+def test_commands_on_an_unknown_tenant_are_refused(tool: Tool) -> None:
+    result = tool.fails("licenses", "--tenant", "nobody")
+
+    assert "unknown tenant 'nobody'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["import", "--tenant", "acme"],
+        ["activate", "--tenant", "acme"],
+        ["routers"],
+        ["audit", "--tenant", "acme", "--license", "L1", "--router", "R1"],
+        ["vendor", "mint", "--kind", "cloud-basic-1", "--capacity", "5"],
+        ["vendor", "mint", "--kind", "cloud-free", "--german"],
+        ["--now", "yesterday-ish", "tenant", "list"],
+    ],
+)
+def test_usage_errors_exit_with_status_2(tool: Tool, args: list[str]) -> None:
+    result = tool.runner.invoke(cli, ["--database", str(tool.db), *args])
+
+    assert result.exit_code == 2, result.output
+
+
+# -- vendor ----------------------------------------------------------------------
+
+
+def test_vendor_mint_prints_one_code_per_line(tool: Tool) -> None:
+    result = tool.ok(
+        "vendor", "mint", "--kind", "cloud-free", "--count", "2", "--capacity", "50"
+    )
+
+    minted = result.stdout.splitlines()
+    assert len(minted) == 2
+    assert all(line.startswith("IRM1.") for line in minted)
+    assert "using the DEMO vendor key" in result.stderr
+    tool.add("acme", *minted)
+    assert {lic["capacity"] for lic in tool.licenses().values()} == {50}
+
+
+@pytest.mark.parametrize("german", [False, True])
+def test_a_minted_sales_csv_imports_into_a_tenant(
+    tool: Tool, tmp_path: Path, german: bool
+) -> None:
+    out = tmp_path / "sales.csv"
+    flags = ["--german"] if german else []
+    batch = ["--kind", "cloud-basic-25", "--count", "3", "--issued", "2025-01-10"]
+    tool.ok("vendor", "mint", *batch, "--csv", str(out), *flags)
+
+    tool.ok("import", "--tenant", "acme", "--csv", str(out))
+
+    licenses = tool.licenses().values()
+    assert len(licenses) == 3
+    assert {(lic["kind"], lic["issued_at"]) for lic in licenses} == {
+        ("cloud-basic-25", "2025-01-10T00:00:00Z")
+    }
+    again = tool.fails("vendor", "mint", "--kind", "cloud-basic-1", "--csv", str(out))
+    assert "refusing to overwrite" in again.stderr
+
+
+def test_codes_minted_with_a_new_vendor_key_verify_only_with_its_public_key(
+    tool: Tool, tmp_path: Path
+) -> None:
+    private, public = tmp_path / "vendor.pem", tmp_path / "vendor.pub.pem"
+    tool.ok("vendor", "keygen", "--private", str(private), "--public", str(public))
+    minted = tool.ok("vendor", "mint", "--kind", "cloud-basic-1", "--key", str(private))
+    own = minted.stdout.strip()
+
+    accepted = tool.ok("--vendor-key", str(public), "import", "--tenant", "acme", own)
+    demo = tool.fails(
+        "--vendor-key", str(public), "import", "--tenant", "acme", code("L9")
+    )
+
+    assert "DEMO" not in minted.stderr + accepted.stderr
+    assert "does not match the vendor key" in demo.stderr
+    assert len(tool.licenses()) == 1
+
+
+def test_an_encrypted_vendor_key_asks_for_its_password(
+    tool: Tool, tmp_path: Path
+) -> None:
+    private, public = tmp_path / "vendor.pem", tmp_path / "vendor.pub.pem"
+    keygen = ["vendor", "keygen", "--private", str(private), "--public", str(public)]
+    tool.ok(*keygen, "--encrypt", stdin="s3cret\ns3cret\n")
+
+    mint_args = ["vendor", "mint", "--kind", "cloud-basic-1", "--key", str(private)]
+    minted = tool.ok(*mint_args, stdin="s3cret\n")
+    wrong = tool.runner.invoke(cli, mint_args, input="guess\n")
+
+    assert b"ENCRYPTED" in private.read_bytes()
+    assert minted.stdout.strip().startswith("IRM1.")
+    assert wrong.exit_code == 1
+    assert "password is wrong" in wrong.stderr
+
+
+# -- help ------------------------------------------------------------------------
+
+
+def _paths(
+    command: click.Command, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _paths(sub, (*path, name))
+
+
+def test_every_command_and_group_has_help() -> None:
+    found = dict(_paths(cli))
+    expected = {
+        ("tenant", "add"),
+        ("tenant", "list"),
+        ("tenant", "show"),
+        ("import",),
+        ("activate",),
+        ("licenses",),
+        ("routers",),
+        ("routers", "register"),
+        ("audit",),
+        ("vendor", "keygen"),
+        ("vendor", "mint"),
+        ("fleet",),
+    }
+    assert expected <= set(found)
+
+    for path, command in found.items():
+        result = CliRunner(env=CLEAN_ENV).invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert result.stdout.startswith("Usage: ")
+        assert (command.help or "").strip(), path

@@ -1,0 +1,310 @@
+"""The seed example and the license life cycle, through the real commands.
+
+``irm-tool`` and ``irm-gateway`` run as processes against one SQLite file
+and a real Mosquitto; routers are real MQTT connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from policy.licenses import Kind, State
+from policy.sqlite_store import SqliteStore
+from policy.timeutil import add_months, from_text, to_text
+from tests.conftest import GatewayProcess, tool, tool_json
+from tests.seeding import mint, seed_tenant
+from tools.broker import Broker
+from tools.fleet import run_fleet
+from tools.router import SimRouter
+
+pytestmark = pytest.mark.broker
+
+
+def ok(database: Path, *args: str, now: str | None = None) -> str:
+    result = tool(database, *args, now=now)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def instant(moment: datetime) -> str:
+    return to_text(moment) or ""
+
+
+async def test_seed_example_first_eight_online_last_two_offline(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """10 Cloud Basic 1 bought, 2 expired, 10 routers: the first 8 get seats."""
+    db = tmp_path / "irm.db"
+    now = datetime.now(UTC)
+    year_ago = instant(now - timedelta(days=395))
+    ok(db, "tenant", "add", "acme", "--tz", "Europe/Berlin")
+    issued = (now - timedelta(days=420)).date().isoformat()
+    ok(db, "vendor", "mint", "--kind", "cloud-basic-1", "--count", "10",
+       "--issued", issued, "--csv", str(tmp_path / "sales.csv"))  # fmt: skip
+    ok(
+        db,
+        "import",
+        "--tenant",
+        "acme",
+        "--csv",
+        str(tmp_path / "sales.csv"),
+        now=year_ago,
+    )
+    ids = [
+        lic["id"] for lic in tool_json(db, "licenses", "--tenant", "acme")["licenses"]
+    ]
+    ok(db, "activate", "--tenant", "acme", *ids[:2], now=year_ago)
+    ok(db, "activate", "--tenant", "acme", "--all-available")
+    names = [f"R{i:02d}" for i in range(1, 11)]
+    ok(db, "routers", "register", "--tenant", "acme", *names)
+
+    gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
+    await gateway.start()
+    report = await run_fleet("127.0.0.1", broker.port, "acme", names, goodbye=False)
+    gateway.stop()
+
+    told = {n: (d.decision, d.reason, d.position) for n, d in report.decisions.items()}
+    assert told == {
+        **dict.fromkeys(names[:8], ("accept", "licensed", None)),
+        "R09": ("reject", "capacity_exceeded", 1),
+        "R10": ("reject", "capacity_exceeded", 2),
+    }
+    listed = tool_json(db, "routers", "--tenant", "acme")["routers"]
+    assert {r["router"]: (r["online"], r["position"]) for r in listed} == {
+        **dict.fromkeys(names[:8], (True, None)),
+        "R09": (False, 1),
+        "R10": (False, 2),
+    }
+    states = [
+        lic["state"]
+        for lic in tool_json(db, "licenses", "--tenant", "acme")["licenses"]
+    ]
+    assert sorted(states) == ["active"] * 8 + ["expired"] * 2
+
+
+async def test_scheduled_activation_admits_waiting_routers_at_its_instant(
+    broker: Broker, tmp_path: Path
+) -> None:
+    db = tmp_path / "irm.db"
+    await seed_tenant(db, "T", basic1=2)
+    store = await SqliteStore.open(db)
+    spare = [
+        mint(Kind.BASIC_1, datetime.now(UTC) - timedelta(days=10)) for _ in range(2)
+    ]
+    await store.add_licenses(
+        "T", [(replace(lic, tenant="T"), c) for lic, c in spare], datetime.now(UTC), "t"
+    )
+    await store.close()
+    gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
+    await gateway.start()
+    routers = [SimRouter("127.0.0.1", broker.port, "T", f"R{i}") for i in range(1, 5)]
+    for router in routers:
+        await router.connect()
+        await router.ask()
+
+    at = datetime.now(UTC) + timedelta(seconds=3)
+    ok(
+        db,
+        "activate",
+        "--tenant",
+        "T",
+        spare[0][0].id,
+        spare[1][0].id,
+        "--at",
+        instant(at),
+    )
+    admitted = [await r.next_decision(15) for r in routers[2:]]
+
+    assert [(d.decision, d.cause) for d in admitted] == [("accept", "capacity")] * 2
+    for decision in admitted:
+        decided = from_text(decision.at)
+        assert decided is not None
+        assert decided >= at
+    states = {
+        lic["state"] for lic in tool_json(db, "licenses", "--tenant", "T")["licenses"]
+    }
+    assert states == {"active"}
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()
+
+
+def expiring_soon(seconds: float) -> tuple[datetime, datetime]:
+    """An activation instant whose one-month term ends ``seconds`` from now."""
+    target = datetime.now(UTC) + timedelta(seconds=seconds)
+    for days in range(27, 33):
+        start = target - timedelta(days=days)
+        end = add_months(start, 1)
+        if abs((end - target).total_seconds()) < 1:
+            return start, end
+    raise AssertionError("no one-month term ends then")
+
+
+async def test_expiry_evicts_the_last_arrivals_at_its_instant(
+    broker: Broker, tmp_path: Path
+) -> None:
+    db = tmp_path / "irm.db"
+    await seed_tenant(db, "T", basic1=2)
+    start, end = expiring_soon(4)
+    short, code = mint(Kind.BASIC_1, start - timedelta(days=1), term=1)
+    store = await SqliteStore.open(db)
+    short = replace(short, tenant="T")
+    await store.add_licenses("T", [(short, code)], start, "t")
+    short = replace(short, activation_at=start)
+    await store.save_activations("T", [short], {short.id: State.ACTIVE}, start, "t")
+    await store.close()
+    gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
+    await gateway.start()
+    routers = [SimRouter("127.0.0.1", broker.port, "T", f"R{i}") for i in range(1, 5)]
+    for router in routers:
+        await router.connect()
+        await router.ask()
+
+    lost = await routers[2].next_decision(15)
+
+    assert (lost.decision, lost.reason, lost.cause, lost.position) == (
+        "reject", "capacity_exceeded", "capacity", 1,
+    )  # fmt: skip
+    decided = from_text(lost.at)
+    assert decided is not None
+    assert decided >= end
+    assert routers[0].heard.empty()
+    assert routers[1].heard.empty()
+    listed = tool_json(db, "routers", "--tenant", "T")["routers"]
+    assert [(r["router"], r["state"], r["position"]) for r in listed] == [
+        ("R1", "online", None), ("R2", "online", None),
+        ("R3", "waiting", 1), ("R4", "waiting", 2),
+    ]  # fmt: skip
+    audit = tool_json(db, "audit", "--tenant", "T", "--license", short.id)
+    assert [e["event"] for e in audit["entries"]][-1] == "expired"
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()
+
+
+async def test_activation_by_the_tool_takes_effect_within_a_second(
+    broker: Broker, tmp_path: Path
+) -> None:
+    db = tmp_path / "irm.db"
+    await seed_tenant(db, "T", basic1=1)
+    store = await SqliteStore.open(db)
+    spare, code = mint(Kind.BASIC_1, datetime.now(UTC) - timedelta(days=10))
+    await store.add_licenses(
+        "T", [(replace(spare, tenant="T"), code)], datetime.now(UTC), "t"
+    )
+    await store.close()
+    gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
+    await gateway.start()
+    first = SimRouter("127.0.0.1", broker.port, "T", "R1")
+    waiting = SimRouter("127.0.0.1", broker.port, "T", "R2")
+    for router in (first, waiting):
+        await router.connect()
+        await router.ask()
+
+    ok(db, "activate", "--tenant", "T", spare.id)
+    admitted = await waiting.next_decision(10)
+
+    assert (admitted.decision, admitted.cause) == ("accept", "capacity")
+    entries = tool_json(db, "audit", "--tenant", "T", "--license", spare.id)["entries"]
+    activated = from_text(next(e["at"] for e in entries if e["event"] == "activated"))
+    decided = from_text(admitted.at)
+    assert activated is not None
+    assert decided is not None
+    assert timedelta(0) <= decided - activated <= timedelta(seconds=1)
+    for router in (first, waiting):
+        await router.disconnect()
+    gateway.stop()
+
+
+async def test_ten_hellos_in_one_millisecond_during_an_activation_seat_exactly_eight(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """F06: never nine; the two rejected are the two that arrived last."""
+    db = tmp_path / "irm.db"
+    await seed_tenant(db, "T8", basic1=8)
+    store = await SqliteStore.open(db)
+    later, code = mint(Kind.BASIC_1, datetime.now(UTC) - timedelta(days=10))
+    await store.add_licenses(
+        "T8", [(replace(later, tenant="T8"), code)], datetime.now(UTC), "t"
+    )
+    await store.close()
+    gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
+    await gateway.start()
+    routers = [
+        SimRouter("127.0.0.1", broker.port, "T8", f"R{i:02d}") for i in range(1, 11)
+    ]
+    await asyncio.gather(*(r.connect() for r in routers))
+
+    tomorrow = instant(datetime.now(UTC) + timedelta(days=1))
+    activation = asyncio.create_task(
+        asyncio.to_thread(
+            tool, db, "activate", "--tenant", "T8", later.id, "--at", tomorrow
+        )
+    )
+    for router in routers:
+        router.hello()
+    decisions = [await r.next_decision(15) for r in routers]
+    assert (await activation).returncode == 0
+
+    accepted = [d.router for d in decisions if d.decision == "accept"]
+    assert len(accepted) == 8
+    with sqlite3.connect(db) as conn:
+        order = [
+            r[0]
+            for r in conn.execute(
+                "SELECT router FROM routers WHERE tenant = 'T8' ORDER BY arrival"
+            )
+        ]
+    assert sorted(accepted) == sorted(order[:8])
+    rejected = {d.router: d.position for d in decisions if d.decision == "reject"}
+    assert rejected == {order[8]: 1, order[9]: 2}
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()
+
+
+async def test_importing_five_thousand_codes_while_deciding_hellos_locks_nobody_out(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """F11: the tool's large import and the gateway's writes share SQLite."""
+    db = tmp_path / "irm.db"
+    await seed_tenant(db, "T", basic1=10)
+    ok(db, "tenant", "add", "big")
+    issued = (datetime.now(UTC) - timedelta(days=5)).date().isoformat()
+    ok(db, "vendor", "mint", "--kind", "cloud-basic-1", "--count", "5000",
+       "--issued", issued, "--csv", str(tmp_path / "big.csv"))  # fmt: skip
+    gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
+    await gateway.start()
+    routers = [SimRouter("127.0.0.1", broker.port, "T", f"R{i:02d}") for i in range(40)]
+    await asyncio.gather(*(r.connect() for r in routers))
+
+    importing = asyncio.create_task(
+        asyncio.to_thread(
+            tool, db, "import", "--tenant", "big", "--csv", str(tmp_path / "big.csv")
+        )
+    )
+    latencies = []
+    while not importing.done():
+        for router in routers:
+            router.new_session()
+        answers = await asyncio.gather(*(r.ask(10) for r in routers))
+        latencies += [rtt for _, rtt in answers]
+    result = await importing
+
+    assert result.returncode == 0, result.stderr
+    assert "locked" not in result.stderr
+    assert not [line for line in gateway.log_lines() if line.get("level") == "error"]
+    with sqlite3.connect(db) as conn:
+        count = conn.execute("SELECT count(*) FROM licenses WHERE tenant = 'big'")
+        assert count.fetchone() == (5000,)
+    worst = max(latencies) * 1000
+    print(f"\nF11: {len(latencies)} hellos during the import, max {worst:.0f} ms")
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()

@@ -1,0 +1,1243 @@
+"""irm-tool: the tenant admin's and the vendor's command line.
+
+A thin layer over :mod:`policy`: a command reads what it needs from the
+store, lets the rule book decide, writes through the store and prints a
+table (or JSON with ``--json``). The project's own errors
+(:class:`~policy.errors.IrmError`) end a command with ``irm-tool:
+<message>`` on stderr and exit status 1; click's usage errors exit 2.
+
+Full license codes are bearer tokens: only ``vendor mint`` prints them,
+everything else names a code by :func:`policy.codes.fingerprint`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from gateway.protocol import NAME
+from policy import codes, csvimport, imports
+from policy.errors import BadInput, CsvImportError, IrmError
+from policy.licenses import (
+    FREE_MAX_CAPACITY,
+    Capacity,
+    Kind,
+    License,
+    State,
+    activate,
+    capacity_at,
+    invalidated_at,
+    next_change_after,
+    paid_since,
+    state_at,
+)
+from policy.sqlite_store import SqliteStore
+from policy.store import AuditEntry, RouterRow, Store, Tenant
+from policy.timeutil import (
+    add_months,
+    from_text,
+    parse_instant,
+    start_of_day,
+    to_text,
+    zone,
+)
+from tools import keys
+from tools.fleet import fleet_command
+
+T = TypeVar("T")
+ADMIN = "admin"
+"""The actor the audit log names for every change made with this tool."""
+TIMELINE_MONTHS = 12
+# Rich folds a table to 80 columns when it cannot ask a terminal; a file
+# or a pipe gets whole lines instead, since scripts should use --json.
+PIPE_WIDTH = 200
+_JUST_BEFORE = timedelta(microseconds=1)
+_ROUTER_STATES = ("online", "waiting", "offline")
+_WHOLE = {"license", "router", "at"}
+PAID_CAPACITY = {Kind.BASIC_1: 1, Kind.BASIC_25: 25}
+
+
+# -- errors --------------------------------------------------------------------
+
+
+class ToolError(click.ClickException):
+    """A project error on its way out: ``irm-tool: <message>``, status 1."""
+
+    exit_code = 1
+
+    def __init__(self, error: IrmError) -> None:
+        super().__init__(_message(error))
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"irm-tool: {self.message}", file=file, err=file is None)
+
+
+def _message(error: IrmError) -> str:
+    if not isinstance(error, CsvImportError):
+        return str(error)
+    lines = [f"{len(error.problems)} bad row(s), nothing imported:"]
+    lines += [f"  line {line}: {why}" for line, why in error.problems]
+    return "\n".join(lines)
+
+
+class ToolGroup(click.Group):
+    """The root group: every command below it ends cleanly on an IrmError."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IrmError as exc:
+            raise ToolError(exc) from exc
+
+
+# -- settings and the store ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The root group's options, handed to every command."""
+
+    database: Path
+    vendor_key: Path | None
+    now: datetime
+
+    def public_key(self) -> Ed25519PublicKey:
+        """The vendor key codes are verified with (the demo key by default)."""
+        if self.vendor_key is not None:
+            return keys.load_public_key(self.vendor_key)
+        _warn_demo(keys.DEMO_PUBLIC_KEY_PATH, "--vendor-key or IRM_VENDOR_PUBLIC_KEY")
+        return keys.load_public_key(keys.DEMO_PUBLIC_KEY_PATH)
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+def _warn_demo(path: Path, instead: str) -> None:
+    click.echo(
+        f"irm-tool: using the DEMO vendor key {path}: anyone can mint codes it "
+        f"accepts; give {instead} for real codes",
+        err=True,
+    )
+
+
+def _run(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the store, do ``work`` and close the store, in one event loop."""
+
+    async def session() -> T:
+        store = await SqliteStore.open(settings.database)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(session())
+
+
+async def _tenant(store: Store, name: str) -> Tenant:
+    found = await store.tenant(name)
+    if found is None:
+        raise BadInput(
+            f"unknown tenant {name!r}: add it first with 'irm-tool tenant add {name}'"
+        )
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """One tenant as the store knows it, read in one go."""
+
+    tenant: Tenant
+    licenses: list[License]
+    routers: list[RouterRow]
+
+
+async def _facts(store: Store, name: str, routers: bool = False) -> Facts:
+    tenant = await _tenant(store, name)
+    found = await store.routers(name) if routers else []
+    return Facts(tenant, await store.licenses(name), found)
+
+
+class Instant(click.ParamType[datetime]):
+    """An ISO 8601 instant; a bare date is midnight UTC."""
+
+    name = "ISO-INSTANT"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_instant(str(value), "UTC")
+        except BadInput as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _check_name(value: str, what: str) -> None:
+    """Tenant and router ids become MQTT topic levels: keep them plain."""
+    if not NAME.fullmatch(value):
+        raise BadInput(
+            f"{what} {value!r} is not 1 to 64 letters, digits, '_', '.' or '-' "
+            "starting with a letter or digit"
+        )
+
+
+# -- output --------------------------------------------------------------------
+
+
+def _console() -> Console:
+    # Ids and audit details are data, not rich markup or emoji codes.
+    console = Console(highlight=False, markup=False, emoji=False)
+    if not console.is_terminal:
+        console.width = PIPE_WIDTH
+    return console
+
+
+def _table(*columns: str, title: str | None = None) -> Table:
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=title,
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+    )
+    # Never cut a value short with "…": an id is typed back in elsewhere,
+    # so ids and instants keep to one line and other values fold.
+    for column in columns:
+        table.add_column(column, no_wrap=column in _WHOLE, overflow="fold")
+    return table
+
+
+def _print(*renderables: Table | str) -> None:
+    console = _console()
+    for item in renderables:
+        console.print(item)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _local(moment: datetime | str | None, tz: str) -> str:
+    """An instant as the tenant's admin reads it: in the tenant's zone."""
+    if isinstance(moment, str):
+        moment = from_text(moment)
+    if moment is None:
+        return "-"
+    return moment.astimezone(zone(tz)).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _cell(moment: datetime | str | None, tz: str) -> str:
+    """An instant in a table cell: the table's caption names the zone."""
+    return _local(moment, tz).rsplit(" ", 1)[0]
+
+
+def _capacity_text(seats: int, tier: str | None) -> str:
+    if not seats:
+        return "no valid license (0 seats)"
+    return f"{seats} seat(s), {tier} tier"
+
+
+def _license_json(lic: License, now: datetime, paid_from: datetime | None) -> Any:
+    return {
+        "id": lic.id,
+        "kind": lic.kind.value,
+        "capacity": lic.capacity,
+        "term_months": lic.term_months,
+        "state": state_at(lic, now, paid_from).value,
+        "issued_at": to_text(lic.issued_at),
+        "imported_at": to_text(lic.imported_at),
+        "activation_at": to_text(lic.activation_at),
+        "expires_at": to_text(lic.expires_at),
+        "stock_limit": to_text(lic.stock_limit),
+        "invalidated_at": to_text(invalidated_at(lic, paid_from)),
+    }
+
+
+def _license_rows(table: Table, entries: Iterable[Any], tz: str) -> Table:
+    for entry in entries:
+        table.add_row(
+            entry["id"],
+            Kind(entry["kind"]).label,
+            str(entry["capacity"]),
+            entry["state"],
+            _cell(entry["issued_at"], tz),
+            _cell(entry["activation_at"], tz),
+            _cell(entry["expires_at"], tz),
+            _cell(entry["stock_limit"], tz),
+        )
+    return table
+
+
+LICENSE_COLUMNS = (
+    "license",
+    "kind",
+    "capacity",
+    "state",
+    "issued",
+    "activation",
+    "expiry",
+    "stock limit",
+)
+
+
+# -- the root group --------------------------------------------------------------
+
+
+@click.group(cls=ToolGroup)
+@click.option(
+    "--database",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("irm.db"),
+    show_default=True,
+    envvar="IRM_DATABASE",
+    help="The SQLite file the gateway uses [env: IRM_DATABASE].",
+)
+@click.option(
+    "--vendor-key",
+    metavar="PEM",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="IRM_VENDOR_PUBLIC_KEY",
+    help="The vendor's public key that license codes are verified with "
+    "[env: IRM_VENDOR_PUBLIC_KEY; default: the DEMO key, with a warning].",
+)
+@click.option(
+    "--now",
+    type=Instant(),
+    envvar="IRM_NOW",
+    help="For demos and tests: act as if the current time were this instant "
+    "(ISO 8601; a bare date is midnight UTC) [env: IRM_NOW; default: the "
+    "real UTC clock].",
+)
+@click.version_option(package_name="irm-gateway")
+@click.pass_context
+def cli(
+    ctx: click.Context, database: Path, vendor_key: Path | None, now: datetime | None
+) -> None:
+    """irm-tool: manage tenants, licenses and routers of irm-gateway.
+
+    Admins add tenants, import and activate license codes and watch their
+    routers; the vendor makes its key pair and mints codes. Changes take
+    effect in a running gateway within a second.
+
+    Exit status: 0 done, 1 refused or failed (the reason is on stderr),
+    2 a usage error.
+    """
+    ctx.obj = Settings(database, vendor_key, now or datetime.now(UTC))
+
+
+# -- tenants ---------------------------------------------------------------------
+
+
+@cli.group("tenant")
+def tenant_group() -> None:
+    """Add, list and inspect tenants."""
+
+
+@tenant_group.command("add")
+@click.argument("tenant")
+@click.option(
+    "--tz",
+    default="UTC",
+    show_default=True,
+    metavar="ZONE",
+    help="IANA time zone, e.g. Europe/Berlin: a date given without a time "
+    "means midnight there.",
+)
+@pass_settings
+def tenant_add(settings: Settings, tenant: str, tz: str) -> None:
+    """Add TENANT (adding it again with the same zone changes nothing)."""
+    _check_name(tenant, "tenant")
+    zone(tz)
+
+    async def work(store: Store) -> bool:
+        existed = await store.tenant(tenant) is not None
+        await store.add_tenant(tenant, tz, settings.now)
+        return existed
+
+    existed = _run(settings, work)
+    said = "exists already" if existed else "added"
+    click.echo(f"tenant {tenant} {said} (time zone {tz})")
+
+
+@tenant_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_settings
+def tenant_list(settings: Settings, as_json: bool) -> None:
+    """List the tenants with the capacity their licenses give now."""
+
+    async def work(store: Store) -> list[Any]:
+        found = []
+        for tenant in await store.tenants():
+            now = capacity_at(await store.licenses(tenant.id), settings.now)
+            found.append(_tenant_json(tenant, now))
+        return found
+
+    tenants = _run(settings, work)
+    if as_json:
+        _echo_json({"tenants": tenants})
+        return
+    table = _table("tenant", "time zone", "created", "seats now", "tier")
+    for t in tenants:
+        created = _local(t["created_at"], t["tz"])
+        table.add_row(t["tenant"], t["tz"], created, str(t["seats"]), t["tier"] or "-")
+    _print(table, f"{len(tenants)} tenant(s)")
+
+
+def _tenant_json(tenant: Tenant, now: Capacity) -> Any:
+    return {
+        "tenant": tenant.id,
+        "tz": tenant.tz,
+        "created_at": to_text(tenant.created_at),
+        "seats": now.seats,
+        "tier": now.tier,
+    }
+
+
+@tenant_group.command("show")
+@click.argument("tenant")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_settings
+def tenant_show(settings: Settings, tenant: str, as_json: bool) -> None:
+    """Show TENANT at a glance.
+
+    Capacity now and over the coming 12 months (at each month start and
+    each license change), licenses by state with their dates, routers
+    online, waiting and offline, and the next license event.
+    """
+    facts = _run(settings, lambda store: _facts(store, tenant, routers=True))
+    overview = _overview(facts, settings.now)
+    if as_json:
+        _echo_json(overview)
+    else:
+        _print_overview(overview)
+
+
+def _overview(facts: Facts, now: datetime) -> Any:
+    licenses, tz = facts.licenses, facts.tenant.tz
+    paid_from = paid_since(licenses)
+    by_state: dict[str, list[Any]] = {state.value: [] for state in State}
+    for lic in licenses:
+        entry = _license_json(lic, now, paid_from)
+        by_state[entry["state"]].append(entry)
+    return {
+        "tenant": facts.tenant.id,
+        "tz": tz,
+        "created_at": to_text(facts.tenant.created_at),
+        "now": to_text(now),
+        "capacity": _capacity_json(capacity_at(licenses, now)),
+        "timeline": _timeline(licenses, now, tz),
+        "licenses": by_state,
+        "routers": _router_counts(facts.routers),
+        "next_event": next((p for _, p in _events(licenses, now, None)), None),
+    }
+
+
+def _capacity_json(capacity: Capacity) -> Any:
+    return {"seats": capacity.seats, "tier": capacity.tier}
+
+
+def _timeline(licenses: Sequence[License], now: datetime, tz: str) -> list[Any]:
+    """Capacity now, at each license change and at each month start ahead."""
+    end = add_months(now, TIMELINE_MONTHS)
+    points = dict(_events(licenses, now, end))
+    local = now.astimezone(zone(tz))
+    first = datetime(local.year, local.month, 1)
+    for n in range(1, TIMELINE_MONTHS + 2):
+        start = start_of_day(add_months(first, n).date(), tz)
+        if start <= end:
+            points.setdefault(start, _point(licenses, start))
+    points.setdefault(now, _point(licenses, now))
+    return [points[at] for at in sorted(points)]
+
+
+def _events(
+    licenses: Sequence[License], after: datetime, until: datetime | None
+) -> Iterator[tuple[datetime, Any]]:
+    """The instants after ``after`` at which some license changes state."""
+    at = next_change_after(licenses, after)
+    while at is not None and (until is None or at <= until):
+        point = _point(licenses, at)
+        if point["changes"]:
+            yield at, point
+        at = next_change_after(licenses, at)
+
+
+def _point(licenses: Sequence[License], at: datetime) -> Any:
+    """Capacity at ``at`` and the license changes that happen at that instant."""
+    paid_from = paid_since(licenses)
+    changes = []
+    for lic in licenses:
+        before = state_at(lic, at - _JUST_BEFORE, paid_from)
+        after = state_at(lic, at, paid_from)
+        if before is not after:
+            changes.append({"license": lic.id, "from": before.value, "to": after.value})
+    return {
+        "at": to_text(at),
+        **_capacity_json(capacity_at(licenses, at)),
+        "changes": changes,
+    }
+
+
+def _changes_text(changes: Iterable[Any]) -> str:
+    return ", ".join(f"{c['license']} {c['to']}" for c in changes) or "-"
+
+
+def _print_overview(view: Any) -> None:
+    tz, now, routers = view["tz"], view["capacity"], view["routers"]
+    lines = [
+        f"tenant {view['tenant']} (time zone {tz}), "
+        f"created {_local(view['created_at'], tz)}",
+        f"capacity now ({_local(view['now'], tz)}): "
+        f"{_capacity_text(now['seats'], now['tier'])}",
+        "routers: " + ", ".join(f"{routers[s]} {s}" for s in _ROUTER_STATES),
+        "next license event: " + _next_text(view["next_event"], tz),
+    ]
+    _print("\n".join(lines), _licenses_by_state(view), _timeline_table(view))
+
+
+def _licenses_by_state(view: Any) -> Table:
+    dates = ("activation_at", "expires_at", "stock_limit")
+    table = _table("state", *LICENSE_COLUMNS[:3], *LICENSE_COLUMNS[5:])
+    table.title = f"licenses (times in {view['tz']})"
+    for state, entries in view["licenses"].items():
+        for e in entries:
+            kind, capacity = Kind(e["kind"]).label, str(e["capacity"])
+            local = [_cell(e[key], view["tz"]) for key in dates]
+            table.add_row(state, e["id"], kind, capacity, *local)
+    return table
+
+
+def _timeline_table(view: Any) -> Table:
+    title = f"capacity, next {TIMELINE_MONTHS} months (times in {view['tz']})"
+    table = _table("at", "seats", "tier", "changes", title=title)
+    for p in view["timeline"]:
+        at, seats, tier = _cell(p["at"], view["tz"]), str(p["seats"]), p["tier"]
+        table.add_row(at, seats, tier or "-", _changes_text(p["changes"]))
+    return table
+
+
+def _next_text(point: Any, tz: str) -> str:
+    if point is None:
+        return "none"
+    after = _capacity_text(point["seats"], point["tier"])
+    return (
+        f"{_local(point['at'], tz)}: {_changes_text(point['changes'])} (then {after})"
+    )
+
+
+# -- import ----------------------------------------------------------------------
+
+Planner = Callable[[set[str], dict[str, str]], imports.ImportPlan]
+"""Plans an import, given the ids the tenant holds and every id's owner."""
+
+
+@cli.command("import")
+@click.argument("code", required=False)
+@click.option("--tenant", required=True, help="The tenant to import into.")
+@click.option(
+    "--csv",
+    "csv_path",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Import every code of a sales CSV file, all or nothing.",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would happen; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_settings
+def import_command(
+    settings: Settings,
+    code: str | None,
+    tenant: str,
+    csv_path: Path | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Import one license CODE ('-' reads it from stdin) or a --csv file.
+
+    Codes are verified with the vendor key. A file is imported all or
+    nothing: if any row is bad, every bad row is listed by its line and
+    nothing is stored. A code the tenant holds already is reported as
+    already present. Imported licenses are available until activated.
+    """
+    if (code is None) == (csv_path is None):
+        raise click.UsageError("give either one license CODE or --csv FILE")
+    key = settings.public_key()
+    if csv_path is None:
+        assert code is not None
+        ids, planner = _code_planner(_code_text(code), key, tenant, settings.now)
+    else:
+        ids, planner = _csv_planner(csv_path, key, tenant, settings.now)
+
+    plan = _run(
+        settings,
+        lambda store: _import(store, tenant, ids, planner, settings.now, dry_run),
+    )
+    report = _import_json(plan, tenant, dry_run)
+    if as_json:
+        _echo_json(report)
+    else:
+        _print_import(report, from_file=csv_path is not None)
+
+
+def _code_text(code: str) -> str:
+    # "-" keeps a bearer code out of the shell history and process list.
+    return sys.stdin.read() if code == "-" else code
+
+
+def _code_planner(
+    code: str, key: Ed25519PublicKey, tenant: str, now: datetime
+) -> tuple[list[str], Planner]:
+    def plan(present: set[str], owners: dict[str, str]) -> imports.ImportPlan:
+        return imports.plan_code(code, key, tenant, now, present, owners)
+
+    return [codes.verify(code, key).id], plan
+
+
+def _csv_planner(
+    path: Path, key: Ed25519PublicKey, tenant: str, now: datetime
+) -> tuple[list[str], Planner]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read {path}: {exc.strerror}") from exc
+    decoded = imports.decode_rows(csvimport.read_sales_csv(data), key)
+
+    def plan(present: set[str], owners: dict[str, str]) -> imports.ImportPlan:
+        return imports.plan_import(decoded, tenant, now, present, owners)
+
+    return [payload.id for _, payload, _ in decoded[0]], plan
+
+
+async def _import(
+    store: Store,
+    tenant: str,
+    ids: list[str],
+    planner: Planner,
+    now: datetime,
+    dry_run: bool,
+) -> imports.ImportPlan:
+    await _tenant(store, tenant)
+    owners = await store.owners(ids)
+    plan = planner({i for i, owner in owners.items() if owner == tenant}, owners)
+
+    if plan.new and not dry_run:
+        items = [
+            (imports.license_from(payload, tenant, now), code)
+            for _, payload, code in plan.new
+        ]
+        await store.add_licenses(tenant, items, now, actor=ADMIN)
+    return plan
+
+
+def _import_json(plan: imports.ImportPlan, tenant: str, dry_run: bool) -> Any:
+    new = [
+        {
+            "line": line,
+            "license": payload.id,
+            "kind": payload.kind.value,
+            "capacity": payload.capacity,
+            "term_months": payload.term_months,
+            "issued_at": to_text(payload.issued_at),
+            "code": codes.fingerprint(code),
+        }
+        for line, payload, code in plan.new
+    ]
+    present = [{"line": line, "license": lid} for line, lid in plan.already_present]
+    return {
+        "tenant": tenant,
+        "dry_run": dry_run,
+        "new": new,
+        "already_present": present,
+    }
+
+
+def _print_import(report: Any, from_file: bool) -> None:
+    def where(line: int) -> str:
+        return f"line {line}: " if from_file else ""
+
+    verb = "would import" if report["dry_run"] else "imported"
+    done = "would be imported" if report["dry_run"] else "imported"
+    for row in report["new"]:
+        click.echo(
+            f"{where(row['line'])}{verb} license {row['license']} "
+            f"({Kind(row['kind']).label}, {row['capacity']} router(s), "
+            f"{row['term_months']} months, issued {row['issued_at'][:10]}, "
+            f"code {row['code']})"
+        )
+    for row in report["already_present"]:
+        click.echo(
+            f"{where(row['line'])}license {row['license']} is already present "
+            f"in tenant {report['tenant']}: nothing to do"
+        )
+    new, present = len(report["new"]), len(report["already_present"])
+    summary = f"{new} {done}, {present} already present"
+    if report["dry_run"]:
+        summary = f"dry run, nothing written: {summary}"
+    click.echo(f"tenant {report['tenant']}: {summary}")
+
+
+# -- activate --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """The tenant's licenses before and after, and which ones were activated."""
+
+    tenant: Tenant
+    before: list[License]
+    after: list[License]
+    changed: list[License]
+
+
+@cli.command("activate")
+@click.argument("license_ids", nargs=-1, metavar="[LICENSE_ID]...")
+@click.option("--tenant", required=True, help="The tenant whose licenses to activate.")
+@click.option(
+    "--all-available", is_flag=True, help="Activate every available license too."
+)
+@click.option(
+    "--at",
+    "at_text",
+    metavar="DATE-OR-DATETIME",
+    help="When the licenses become active (default: now). A bare date is "
+    "midnight in the tenant's time zone.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_settings
+def activate_command(
+    settings: Settings,
+    license_ids: tuple[str, ...],
+    tenant: str,
+    all_available: bool,
+    at_text: str | None,
+    as_json: bool,
+) -> None:
+    """Activate licenses now or schedule them for a later instant.
+
+    All or nothing: if the rules refuse any one license, none is activated
+    and the message names the license and the rule. A paid license makes
+    an active or scheduled Cloud Free license invalid, for good.
+    """
+    if not license_ids and not all_available:
+        raise click.UsageError(
+            "name the LICENSE_IDs to activate or give --all-available"
+        )
+    done = _run(
+        settings,
+        lambda store: _activate(
+            store, tenant, license_ids, all_available, at_text, settings.now
+        ),
+    )
+    report = _activation_json(done, settings.now)
+    if as_json:
+        _echo_json(report)
+    else:
+        _print_activation(report, done.tenant.tz)
+
+
+async def _activate(
+    store: Store,
+    name: str,
+    ids: Sequence[str],
+    all_available: bool,
+    at_text: str | None,
+    now: datetime,
+) -> Activation:
+    tenant = await _tenant(store, name)
+    before = await store.licenses(name)
+    at = now if at_text is None else parse_instant(at_text, tenant.tz)
+    chosen = _choose(tenant, before, ids, all_available, now)
+    after, changed = _schedule(before, chosen, at, now)
+
+    if changed:
+        paid_from = paid_since(after)
+        states = {lic.id: state_at(lic, now, paid_from) for lic in changed}
+        await store.save_activations(name, changed, states, now, actor=ADMIN)
+    return Activation(tenant, before, after, changed)
+
+
+def _choose(
+    tenant: Tenant,
+    licenses: Sequence[License],
+    ids: Sequence[str],
+    all_available: bool,
+    now: datetime,
+) -> list[str]:
+    known = {lic.id for lic in licenses}
+    unknown = [lid for lid in ids if lid not in known]
+    if unknown:
+        raise BadInput(f"tenant {tenant.id} has no license {', '.join(unknown)}")
+    chosen = list(ids)
+    if all_available:
+        paid_from = paid_since(licenses)
+        available = [
+            lic for lic in licenses if state_at(lic, now, paid_from) is State.AVAILABLE
+        ]
+        # Paid first: a Cloud Free license in the same sweep is then refused
+        # by the rules, instead of being activated and invalidated at once.
+        available.sort(key=lambda lic: not lic.kind.paid)
+        chosen += [lic.id for lic in available]
+    return list(dict.fromkeys(chosen))
+
+
+def _schedule(
+    licenses: Sequence[License], ids: Sequence[str], at: datetime, now: datetime
+) -> tuple[list[License], list[License]]:
+    """Activate each license in turn against the growing list of the tenant's."""
+    current = list(licenses)
+    changed: list[License] = []
+    for lid in ids:
+        index = next(i for i, lic in enumerate(current) if lic.id == lid)
+        current[index] = activate(current[index], at, now, current)
+        changed.append(current[index])
+    return current, changed
+
+
+def _free_invalidated(done: Activation) -> list[tuple[License, datetime]]:
+    """Cloud Free licenses this activation invalidates, and from when."""
+    old_paid, new_paid = paid_since(done.before), paid_since(done.after)
+    old = {lic.id: lic for lic in done.before}
+    found: list[tuple[License, datetime]] = []
+    for lic in done.after:
+        when = invalidated_at(lic, new_paid)
+        if when is not None and when != invalidated_at(old[lic.id], old_paid):
+            found.append((lic, when))
+    return found
+
+
+def _activation_json(done: Activation, now: datetime) -> Any:
+    paid_from = paid_since(done.after)
+    invalidates = [
+        {"license": lic.id, "at": to_text(at)} for lic, at in _free_invalidated(done)
+    ]
+    return {
+        "tenant": done.tenant.id,
+        "now": to_text(now),
+        "activated": [_license_json(lic, now, paid_from) for lic in done.changed],
+        "invalidates": invalidates,
+    }
+
+
+def _print_activation(report: Any, tz: str) -> None:
+    if not report["activated"]:
+        click.echo(f"tenant {report['tenant']} has no available license: nothing done")
+        return
+    table = _table("license", "kind", "state", "activation", "expiry")
+    for e in report["activated"]:
+        table.add_row(
+            e["id"],
+            Kind(e["kind"]).label,
+            e["state"],
+            _cell(e["activation_at"], tz),
+            _cell(e["expires_at"], tz),
+        )
+    count = len(report["activated"])
+    done = f"tenant {report['tenant']}: {count} license(s) activated"
+    _print(table, f"{done}, times in {tz}")
+    for item in report["invalidates"]:
+        click.echo(
+            f"warning: Cloud Free license {item['license']} becomes invalid for "
+            f"good at {_local(item['at'], tz)}, when a paid license becomes "
+            "active: Cloud Free is never combined with paid licenses"
+        )
+
+
+# -- licenses --------------------------------------------------------------------
+
+
+@cli.command("licenses")
+@click.option("--tenant", required=True, help="The tenant whose licenses to list.")
+@click.option(
+    "--state",
+    type=click.Choice([state.value for state in State]),
+    help="Only licenses in this state now.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_settings
+def licenses_command(
+    settings: Settings, tenant: str, state: str | None, as_json: bool
+) -> None:
+    """List a tenant's licenses with their state now and their dates."""
+    facts = _run(settings, lambda store: _facts(store, tenant))
+    paid_from = paid_since(facts.licenses)
+    entries = [_license_json(lic, settings.now, paid_from) for lic in facts.licenses]
+    entries = [e for e in entries if state is None or e["state"] == state]
+
+    if as_json:
+        _echo_json(
+            {"tenant": tenant, "now": to_text(settings.now), "licenses": entries}
+        )
+        return
+    table = _license_rows(_table(*LICENSE_COLUMNS), entries, facts.tenant.tz)
+    _print(table, f"{len(entries)} license(s), times in {facts.tenant.tz}")
+
+
+# -- routers ---------------------------------------------------------------------
+
+
+@cli.group("routers", invoke_without_command=True)
+@click.option("--tenant", help="The tenant whose routers to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def routers_group(ctx: click.Context, tenant: str | None, as_json: bool) -> None:
+    """List a tenant's routers: online, waiting in line, or offline.
+
+    A waiting router is connected but has no seat; its place is its
+    position in the line, in arrival order.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if tenant is None:
+        raise click.UsageError("give --tenant to list its routers", ctx)
+    settings = ctx.find_object(Settings)
+    assert settings is not None, "the root group sets it"
+    facts = _run(settings, lambda store: _facts(store, tenant, routers=True))
+    rows = _routers_json(facts.routers)
+    if as_json:
+        _echo_json({"tenant": tenant, "routers": rows})
+    else:
+        _print_routers(rows, _router_counts(facts.routers), facts.tenant.tz)
+
+
+def _routers_json(routers: Sequence[RouterRow]) -> list[Any]:
+    waiting = sorted(
+        (r for r in routers if r.state == "waiting"), key=lambda r: r.arrival or 0
+    )
+    position = {r.router: n for n, r in enumerate(waiting, start=1)}
+    return [
+        {
+            "router": r.router,
+            "state": r.state,
+            "online": r.state == "online",
+            "position": position.get(r.router),
+            "epoch": r.epoch,
+            "since": to_text(r.changed_at),
+        }
+        for r in routers
+    ]
+
+
+def _router_counts(routers: Iterable[RouterRow]) -> dict[str, int]:
+    counts = dict.fromkeys(_ROUTER_STATES, 0)
+    for router in routers:
+        counts[router.state] += 1
+    return counts
+
+
+def _print_routers(rows: Sequence[Any], counts: dict[str, int], tz: str) -> None:
+    table = _table("router", "state", "place", "epoch", "since")
+    for r in rows:
+        place = "-" if r["position"] is None else str(r["position"])
+        table.add_row(
+            r["router"], r["state"], place, str(r["epoch"]), _cell(r["since"], tz)
+        )
+    summary = ", ".join(f"{counts[s]} {s}" for s in _ROUTER_STATES)
+    _print(table, f"{summary}; times in {tz}")
+
+
+@routers_group.command("register")
+@click.argument("routers", nargs=-1, required=True, metavar="ROUTER...")
+@click.option("--tenant", help="The tenant the routers belong to.")
+@click.pass_context
+def routers_register(
+    ctx: click.Context, routers: tuple[str, ...], tenant: str | None
+) -> None:
+    """Register ROUTERs with a tenant (known ones are left as they are)."""
+    parent = ctx.parent.params.get("tenant") if ctx.parent else None
+    name = tenant or parent
+    if name is None:
+        raise click.UsageError("give --tenant to register routers with", ctx)
+    for router in routers:
+        _check_name(router, "router")
+    settings = ctx.find_object(Settings)
+    assert settings is not None, "the root group sets it"
+
+    async def work(store: Store) -> list[str]:
+        await _tenant(store, name)
+        return await store.register_routers(name, routers, settings.now, actor=ADMIN)
+
+    new = _run(settings, work)
+    known = [r for r in dict.fromkeys(routers) if r not in new]
+    click.echo(
+        f"tenant {name}: registered {len(new)} router(s): {' '.join(new) or '-'}"
+    )
+    if known:
+        click.echo(f"already registered: {' '.join(known)}")
+
+
+# -- audit -----------------------------------------------------------------------
+
+
+@cli.command("audit")
+@click.option("--tenant", required=True, help="The tenant whose log to show.")
+@click.option("--license", "license_id", metavar="ID", help="Only this license.")
+@click.option("--router", metavar="ROUTER", help="Only this router.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Show the latest N entries.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_settings
+def audit_command(
+    settings: Settings,
+    tenant: str,
+    license_id: str | None,
+    router: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Show the audit log: every change, when, and by whom or which rule."""
+    subject, subject_id = _subject(license_id, router)
+
+    async def work(store: Store) -> tuple[Tenant, list[AuditEntry]]:
+        found = await _tenant(store, tenant)
+        return found, await store.audit(tenant, subject, subject_id, limit)
+
+    found, entries = _run(settings, work)
+    rows = [_entry_json(entry) for entry in entries]
+    if as_json:
+        _echo_json({"tenant": tenant, "entries": rows})
+        return
+    table = _table("at", "subject", "event", "detail", "actor")
+    for r in rows:
+        detail = ", ".join(f"{k}={_plain(v)}" for k, v in r["detail"].items())
+        subject_text = f"{r['subject']} {r['subject_id']}"
+        table.add_row(
+            _cell(r["at"], found.tz), subject_text, r["event"], detail, r["actor"]
+        )
+    count = f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
+    _print(table, f"{count}, times in {found.tz}")
+
+
+def _subject(
+    license_id: str | None, router: str | None
+) -> tuple[str | None, str | None]:
+    if license_id is not None and router is not None:
+        raise click.UsageError("give --license or --router, not both")
+    if license_id is not None:
+        return "license", license_id
+    return ("router", router) if router is not None else (None, None)
+
+
+def _entry_json(entry: AuditEntry) -> Any:
+    return {
+        "seq": entry.seq,
+        "at": to_text(entry.at),
+        "subject": entry.subject,
+        "subject_id": entry.subject_id,
+        "event": entry.event,
+        "detail": entry.detail,
+        "actor": entry.actor,
+    }
+
+
+def _plain(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+# -- vendor ----------------------------------------------------------------------
+
+
+@cli.group("vendor")
+def vendor_group() -> None:
+    """The vendor's side: make the key pair and mint license codes.
+
+    The private key signs codes; it belongs to the vendor and never goes
+    onto a gateway. Gateways and admins get only the public key.
+    """
+
+
+@vendor_group.command("keygen")
+@click.option(
+    "--private",
+    "private_path",
+    required=True,
+    metavar="PATH",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the private key (created readable by you only).",
+)
+@click.option(
+    "--public",
+    "public_path",
+    required=True,
+    metavar="PATH",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the public key for gateways and admins.",
+)
+@click.option(
+    "--encrypt", is_flag=True, help="Protect the private key with a password (asked)."
+)
+def vendor_keygen(private_path: Path, public_path: Path, encrypt: bool) -> None:
+    """Make a new Ed25519 vendor key pair; existing files are never replaced."""
+    password = None
+    if encrypt:
+        password = click.prompt(
+            "Password for the private key",
+            hide_input=True,
+            confirmation_prompt=True,
+            err=True,
+        ).encode()
+    keys.generate_keypair(private_path, public_path, password)
+    click.echo(f"wrote private key {private_path} (keep it secret, off every gateway)")
+    click.echo(f"wrote public key {public_path} (give it to gateways and admins)")
+
+
+@vendor_group.command("mint")
+@click.option(
+    "--kind",
+    required=True,
+    type=click.Choice([kind.value for kind in Kind]),
+    help="The kind of license.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1, 100_000),
+    default=1,
+    show_default=True,
+    help="How many codes.",
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(1, FREE_MAX_CAPACITY),
+    help=f"Cloud Free only: routers it admits [default: {FREE_MAX_CAPACITY}].",
+)
+@click.option(
+    "--term-months",
+    type=click.IntRange(1, codes.MAX_TERM_MONTHS),
+    default=12,
+    show_default=True,
+    help="Term in calendar months from activation (Cloud Free: always 12).",
+)
+@click.option(
+    "--issued",
+    type=Instant(),
+    metavar="DATE",
+    help="Issue date or instant (a bare date is midnight UTC) [default: now]; "
+    "the 2-year stock limit counts from here.",
+)
+@click.option(
+    "--key",
+    "key_path",
+    metavar="PRIVATE_PEM",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="IRM_VENDOR_PRIVATE_KEY",
+    help="The vendor's private key [env: IRM_VENDOR_PRIVATE_KEY; default: "
+    "the DEMO key, with a warning].",
+)
+@click.option(
+    "--csv",
+    "csv_out",
+    metavar="OUT",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the sales CSV to this new file instead of printing codes.",
+)
+@click.option(
+    "--german",
+    is_flag=True,
+    help="With --csv: write it as a German spreadsheet saves it (BOM, ';', CRLF).",
+)
+@pass_settings
+def vendor_mint(
+    settings: Settings,
+    kind: str,
+    count: int,
+    capacity: int | None,
+    term_months: int,
+    issued: datetime | None,
+    key_path: Path | None,
+    csv_out: Path | None,
+    german: bool,
+) -> None:
+    """Mint signed license codes: one per line, or a sales CSV with --csv."""
+    chosen = Kind(kind)
+    if capacity is not None and chosen.paid:
+        raise click.UsageError(
+            f"--capacity is for cloud-free only; {chosen.label} is fixed"
+        )
+    if german and csv_out is None:
+        raise click.UsageError("--german only applies with --csv")
+    size = _capacity_of(chosen, capacity)
+    key = _private_key(key_path)
+
+    when = issued or settings.now
+    minted = []
+    for _ in range(count):
+        payload = codes.CodePayload(
+            codes.new_license_id(), chosen, size, term_months, when
+        )
+        minted.append((payload, codes.mint(key, payload)))
+
+    if csv_out is None:
+        for _, code in minted:
+            click.echo(code)
+        return
+    _write_new(csv_out, csvimport.write_sales_csv(minted, german=german))
+    click.echo(f"wrote {count} {chosen.label} code(s) to {csv_out}")
+
+
+def _capacity_of(kind: Kind, capacity: int | None) -> int:
+    if kind is Kind.FREE:
+        return FREE_MAX_CAPACITY if capacity is None else capacity
+    return PAID_CAPACITY[kind]
+
+
+def _private_key(path: Path | None) -> Ed25519PrivateKey:
+    if path is None:
+        _warn_demo(keys.DEMO_PRIVATE_KEY_PATH, "--key or IRM_VENDOR_PRIVATE_KEY")
+        return keys.load_private_key(keys.DEMO_PRIVATE_KEY_PATH)
+    password = None
+    if _encrypted(path):
+        password = click.prompt(f"Password for {path}", hide_input=True, err=True)
+    return keys.load_private_key(path, password.encode() if password else None)
+
+
+def _encrypted(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return b"ENCRYPTED" in file.readline()
+    except OSError:
+        return False  # load_private_key reports the unreadable file
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    # "x": minted codes are never written over an earlier file of codes.
+    try:
+        with path.open("xb") as file:
+            file.write(data)
+    except FileExistsError as exc:
+        raise BadInput(f"{path} exists; refusing to overwrite it") from exc
+    except OSError as exc:
+        raise BadInput(f"cannot write {path}: {exc.strerror}") from exc
+
+
+# -- the rest ---------------------------------------------------------------------
+
+cli.add_command(fleet_command, "fleet")
+
+
+def main() -> None:
+    """The ``irm-tool`` console script."""
+    cli.main(prog_name="irm-tool")
+
+
+if __name__ == "__main__":
+    main()
