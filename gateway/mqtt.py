@@ -118,6 +118,7 @@ class Mqtt:
         self._handler = handler
         self._on_connected = on_connected
         self._window = _Window(window)
+        self._window_wanted = window
         self._connected = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         will_message = None
@@ -231,6 +232,14 @@ class Mqtt:
         if self._client.attempts or self.reconnects:
             self.reconnects += 1
         self._client.attempts = 0
+        # The broker's Receive Maximum (CONNACK) bounds our unacknowledged
+        # QoS 1 publishes; gmqtt raises OverflowError one below it. The
+        # ``properties`` handed to us merge our own CONNECT properties over
+        # the broker's, hiding its value, so read the CONNACK's own.
+        connack = self._client._package_handler._connack_properties
+        advertised = connack.get("receive_maximum")
+        if advertised:
+            self._window.size = max(1, min(self._window_wanted, advertised[0] - 1))
         self._connected.set()
         log.info("broker connected", session_present=bool(flags))
         task = asyncio.ensure_future(self._on_connected())

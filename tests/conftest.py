@@ -226,3 +226,32 @@ class TopicWatch:
 
     async def next(self, timeout: float = 10.0) -> protocol.Goodbye:
         return await asyncio.wait_for(self._queue.get(), timeout)
+
+
+class StatusWatch:
+    """The gateway's retained status messages, awaited one by one."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._queue: asyncio.Queue[protocol.GatewayStatus] = asyncio.Queue()
+        self._client = gmqtt.Client(None)
+        self._client.on_message = self._on_message
+
+    def _on_message(
+        self, client: object, topic: str, payload: bytes, qos: int, props: Any
+    ) -> int:
+        if not props.get("retain"):
+            self._queue.put_nowait(protocol.GatewayStatus.model_validate_json(payload))
+        return 0
+
+    async def __aenter__(self) -> StatusWatch:
+        await self._client.connect("127.0.0.1", self.port)
+        self._client.subscribe(protocol.status_topic(protocol.PREFIX, "+"), qos=1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.disconnect()
+
+    async def next(self, timeout: float = 10.0) -> protocol.GatewayStatus:
+        """The next live (not retained-on-subscribe) status."""
+        return await asyncio.wait_for(self._queue.get(), timeout)

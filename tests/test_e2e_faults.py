@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.protocol import Decision
-from tests.conftest import GatewayProcess, PresenceWatch
+from tests.conftest import GatewayProcess, PresenceWatch, StatusWatch
 from tests.seeding import seed_tenant
 from tools.broker import Broker
 from tools.router import Heard, SimRouter
@@ -85,7 +85,10 @@ async def test_gateway_killed_mid_fleet_keeps_seats_and_answers_every_hello(
     routers = await connect_all(broker.port, "T", 120, tally)
     sender = asyncio.create_task(paced_hellos(routers, 0.005))
     await tally.until(lambda t: t.heard >= 30)
-    gateway.kill()
+    async with StatusWatch(broker.port) as status:
+        gateway.kill()
+        offline = await status.next()
+    assert offline.state == "offline"
     answered_before = len(tally.latest)
     await gateway.start()
     await sender

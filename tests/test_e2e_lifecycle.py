@@ -308,3 +308,56 @@ async def test_importing_five_thousand_codes_while_deciding_hellos_locks_nobody_
     for router in routers:
         await router.disconnect()
     gateway.stop()
+
+
+async def test_paid_activation_invalidates_cloud_free_and_reseats_the_first_arrivals(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Cloud Free holds 30 routers; a Basic 25 activated by the tool ends it.
+
+    The first 25 arrivals keep seats and are told the tier is now full; the
+    last 5 lose theirs and wait in their original order.
+    """
+    db = tmp_path / "irm.db"
+    now = datetime.now(UTC)
+    free, free_code = mint(Kind.FREE, now - timedelta(days=10))
+    paid, paid_code = mint(Kind.BASIC_25, now - timedelta(days=10))
+    store = await SqliteStore.open(db)
+    await store.add_tenant("T", "UTC", now)
+    bought = [
+        (replace(free, tenant="T"), free_code),
+        (replace(paid, tenant="T"), paid_code),
+    ]
+    await store.add_licenses("T", bought, now, "t")
+    free = replace(free, tenant="T", activation_at=now)
+    await store.save_activations("T", [free], {free.id: State.ACTIVE}, now, "t")
+    await store.close()
+    gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
+    await gateway.start()
+    routers = [
+        SimRouter("127.0.0.1", broker.port, "T", f"R{i:02d}") for i in range(1, 31)
+    ]
+    for router in routers:
+        await router.connect()
+        decision, _ = await router.ask()
+        assert (decision.decision, decision.tier) == ("accept", "free")
+
+    result = tool(db, "activate", "--tenant", "T", paid.id)
+    assert result.returncode == 0, result.stderr
+    assert "Cloud Free" in result.stdout + result.stderr
+    told = [await r.next_decision(10) for r in routers]
+
+    assert [(d.decision, d.tier, d.cause) for d in told[:25]] == [
+        ("accept", "full", "capacity")
+    ] * 25
+    assert [(d.decision, d.reason, d.position) for d in told[25:]] == [
+        ("reject", "capacity_exceeded", p) for p in range(1, 6)
+    ]
+    states = {
+        lic["kind"]: lic["state"]
+        for lic in tool_json(db, "licenses", "--tenant", "T")["licenses"]
+    }
+    assert states == {"cloud-free": "invalidated", "cloud-basic-25": "active"}
+    for router in routers:
+        await router.disconnect()
+    gateway.stop()

@@ -207,3 +207,20 @@ async def test_duplicate_and_redelivered_hellos_get_one_seat_and_the_same_answer
     await close_all(routers)
     await r05.disconnect()
     gateway.stop()
+
+
+async def test_mqtt311_router_is_answered_on_its_fixed_reply_topic_with_its_ref(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """No Response Topic or Correlation Data in 3.1.1: the ``ref`` matches."""
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T8", basic1=8)
+    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
+    await gateway.start()
+    old = SimRouter("127.0.0.1", broker.port, "T8", "R01", mqtt5=False)
+    await old.connect()
+    decision, _ = await old.ask()
+    assert (decision.decision, decision.reason) == ("accept", "licensed")
+    assert decision.ref is not None
+    await old.disconnect()
+    gateway.stop()
