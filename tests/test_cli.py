@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.cells import cell_len
 
 from policy.admission import Joined, Place
 from policy.codes import CodePayload, fingerprint, mint
@@ -25,15 +27,26 @@ from tools.cli import cli
 DEMO_KEY = keys.load_private_key(keys.DEMO_PRIVATE_KEY_PATH)
 NOW = "2025-06-01T10:00:00Z"
 ISSUED = datetime(2025, 1, 10, tzinfo=UTC)  # stock limit 2027-01-10T00:00:00Z
-# The tests must not pick up a database, key or clock from the shell.
+# The tests must not pick up a database, key, clock or width from the shell.
 CLEAN_ENV: dict[str, str | None] = dict.fromkeys(
-    ("IRM_DATABASE", "IRM_VENDOR_PUBLIC_KEY", "IRM_VENDOR_PRIVATE_KEY", "IRM_NOW")
+    (
+        "IRM_DATABASE",
+        "IRM_VENDOR_PUBLIC_KEY",
+        "IRM_VENDOR_PRIVATE_KEY",
+        "IRM_NOW",
+        "COLUMNS",
+    )
 )
 CAPACITY = {Kind.BASIC_1: 1, Kind.BASIC_25: 25, Kind.FREE: 1000}
 
 
-def payload(lid: str, kind: Kind = Kind.BASIC_1, term_months: int = 12) -> CodePayload:
-    return CodePayload(lid, kind, CAPACITY[kind], term_months, ISSUED)
+def payload(
+    lid: str,
+    kind: Kind = Kind.BASIC_1,
+    term_months: int = 12,
+    issued: datetime = ISSUED,
+) -> CodePayload:
+    return CodePayload(lid, kind, CAPACITY[kind], term_months, issued)
 
 
 def code(
@@ -41,8 +54,9 @@ def code(
     kind: Kind = Kind.BASIC_1,
     term_months: int = 12,
     key: Ed25519PrivateKey = DEMO_KEY,
+    issued: datetime = ISSUED,
 ) -> str:
-    return mint(key, payload(lid, kind, term_months))
+    return mint(key, payload(lid, kind, term_months, issued))
 
 
 class Tool:
@@ -67,6 +81,14 @@ class Tool:
         said = [line for line in result.stderr.splitlines() if "DEMO" not in line]
         assert said[0].startswith("irm-tool: "), result.stderr
         return result
+
+    def screen(self, *args: str, columns: int = 100, now: str = NOW) -> list[str]:
+        """The lines a terminal ``columns`` wide shows."""
+        runner = CliRunner(env={**CLEAN_ENV, "COLUMNS": str(columns)})
+        argv = ["--database", str(self.db), "--now", now, *args]
+        result = runner.invoke(cli, argv, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return [line.rstrip() for line in result.stdout.splitlines()]
 
     def json(self, *args: str, now: str = NOW) -> Any:
         return json.loads(self.ok(*args, "--json", now=now).stdout)
@@ -451,6 +473,139 @@ def test_tenant_show_json_gives_capacity_now_and_over_the_coming_year(
     assert [lic["id"] for lic in shown["licenses"]["scheduled"]] == ["B1"]
     assert [lic["id"] for lic in shown["licenses"]["available"]] == ["B1b"]
     assert shown["routers"] == {"online": 0, "waiting": 0, "offline": 1}
+
+
+# -- tenant show and licenses on a terminal --------------------------------------
+
+
+def _timeline(lines: list[str]) -> list[str]:
+    """The rows of tenant show's capacity table, below its title and header."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("capacity, next"))
+    return lines[start + 3 :]
+
+
+def _line(lines: list[str], start: str) -> str:
+    return next(line for line in lines if line.startswith(start))
+
+
+def test_tenant_show_lists_now_then_only_the_instants_where_something_changes(
+    tool: Tool,
+) -> None:
+    tool.add("acme", code("B25", Kind.BASIC_25), code("B1"))
+    tool.ok("activate", "--tenant", "acme", "B25")
+    tool.ok("activate", "--tenant", "acme", "B1", "--at", "2025-09-01")
+
+    rows = _timeline(tool.screen("tenant", "show", "acme"))
+
+    assert [row.split()[:4] for row in rows] == [
+        ["2025-06-01", "12:00", "25", "full"],
+        ["2025-09-01", "00:00", "26", "full"],
+        ["2026-06-01", "12:00", "1", "full"],
+    ]
+    assert rows[1].endswith("1 × Cloud Basic 1 becomes active")
+    assert rows[2].endswith("1 × Cloud Basic 25 expires")
+
+
+def test_tenant_show_counts_changes_by_kind_instead_of_listing_ids(
+    tool: Tool,
+) -> None:
+    ids = [f"{n:032x}" for n in range(3)]
+    tool.add("acme", *(code(lid) for lid in ids))
+    tool.ok("activate", "--tenant", "acme", *ids, "--at", "2025-09-01")
+
+    lines = tool.screen("tenant", "show", "acme")
+
+    assert _line(lines, "next change:") == (
+        "next change: 2025-09-01 00:00 CEST: 3 × Cloud Basic 1 become active"
+    )
+    assert _timeline(lines)[1].endswith("3 × Cloud Basic 1 become active")
+    assert not any(lid in row for lid in ids for row in _timeline(lines))
+
+
+def test_tenant_show_says_when_a_paid_license_invalidates_cloud_free(
+    tool: Tool,
+) -> None:
+    tool.add("acme", code("F1", Kind.FREE), code("P1"))
+    tool.ok("activate", "--tenant", "acme", "F1")
+    tool.ok("activate", "--tenant", "acme", "P1", "--at", "2025-07-01")
+
+    lines = tool.screen("tenant", "show", "acme")
+
+    both = "1 × Cloud Basic 1 becomes active, 1 × Cloud Free invalidated"
+    assert _line(lines, "next change:").endswith(f"CEST: {both}")
+    assert _timeline(lines)[1].split()[:4] == ["2025-07-01", "00:00", "1", "full"]
+    assert _timeline(lines)[1].endswith(both)
+
+
+def test_times_show_seconds_only_when_two_shown_instants_share_a_minute(
+    tool: Tool,
+) -> None:
+    tool.add("acme", code("B1"), code("B2"))
+    tool.ok("activate", "--tenant", "acme", "B1", "--at", "2025-09-01T00:00:00")
+    minutes = tool.screen("tenant", "show", "acme")
+    tool.ok("activate", "--tenant", "acme", "B2", "--at", "2025-09-01T00:00:30")
+
+    seconds = tool.screen("tenant", "show", "acme")
+
+    assert not any(re.search(r"\d\d:\d\d:\d\d", line) for line in minutes)
+    assert [row.split()[:3] for row in _timeline(seconds)[1:3]] == [
+        ["2025-09-01", "00:00:00", "1"],
+        ["2025-09-01", "00:00:30", "2"],
+    ]
+    assert "created 2025-06-01 12:00:00 CEST" in seconds[0]
+
+
+def test_tenant_show_without_changes_ahead_says_so_in_one_line(tool: Tool) -> None:
+    lines = tool.screen("tenant", "show", "acme")
+
+    assert "next change: none" in lines
+    assert "capacity, next 12 months: no change" in lines
+
+
+def _crowded(tool: Tool) -> list[str]:
+    """A tenant with a license in every state, two of them in the same minute."""
+    lids = {name: name.lower().rjust(32, "0") for name in ("OLD", "F", "P", "A", "B")}
+    old = code(lids["OLD"], issued=datetime(2023, 6, 20, tzinfo=UTC))
+    tool.add("acme", old, code(lids["F"], Kind.FREE), code(lids["P"]), code("C"))
+    tool.add("acme", code(lids["A"], Kind.BASIC_25), code(lids["B"], Kind.BASIC_25))
+    tool.ok("activate", "--tenant", "acme", lids["F"])
+    tool.ok("activate", "--tenant", "acme", lids["P"], "--at", "2025-06-15")
+    tool.ok("activate", "--tenant", "acme", lids["B"], "--at", "2025-09-01T00:00:00")
+    tool.ok("activate", "--tenant", "acme", "C", "--at", "2025-09-01T00:00:30")
+    return list(lids.values())
+
+
+def test_tenant_show_and_licenses_fit_100_columns_with_every_id_whole(
+    tool: Tool,
+) -> None:
+    ids = _crowded(tool)
+
+    shown = tool.screen("tenant", "show", "acme", now="2025-07-01T10:00:00Z")
+    listed = tool.screen("licenses", "--tenant", "acme", now="2025-07-01T10:00:00Z")
+
+    for lines in (shown, listed):
+        assert max(cell_len(line) for line in lines) <= 100, "\n".join(lines)
+        assert all(any(lid in line for line in lines) for lid in ids)
+        assert "non-redeemable (1)" in lines
+        assert "invalidated (1)" in lines
+        assert any("2025-09-01 00:00:30" in line for line in lines)
+
+
+def test_licenses_shows_the_stock_limit_only_as_an_available_license_deadline(
+    tool: Tool,
+) -> None:
+    tool.add("acme", code("L1"), code("L2", Kind.FREE))
+    tool.ok("activate", "--tenant", "acme", "L1")
+
+    lines = tool.screen("licenses", "--tenant", "acme")
+
+    assert lines[2:] == [
+        "available (1)",
+        "  L2           Free 1000  by 2027-01-10 01:00  -",
+        "active (1)",
+        "  L1           Basic 1    2025-06-01 12:00     2026-06-01 12:00",
+        "2 license(s), times in Europe/Berlin",
+    ]
 
 
 def test_tenant_list_shows_each_tenant_with_its_seats_now(tool: Tool) -> None:

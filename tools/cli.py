@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -64,11 +66,13 @@ ADMIN = "admin"
 """The actor the audit log names for every change made with this tool."""
 TIMELINE_MONTHS = 12
 # Rich folds a table to 80 columns when it cannot ask a terminal; a file
-# or a pipe gets whole lines instead, since scripts should use --json.
+# or a pipe gets whole lines instead, since scripts should use --json,
+# unless COLUMNS names a width.
 PIPE_WIDTH = 200
 _JUST_BEFORE = timedelta(microseconds=1)
 _ROUTER_STATES = ("online", "waiting", "offline")
 _WHOLE = {"license", "router", "at"}
+_MINUTES, _SECONDS = "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S"
 PAID_CAPACITY = {Kind.BASIC_1: 1, Kind.BASIC_25: 25}
 
 
@@ -203,18 +207,23 @@ def _check_name(value: str, what: str) -> None:
 def _console() -> Console:
     # Ids and audit details are data, not rich markup or emoji codes.
     console = Console(highlight=False, markup=False, emoji=False)
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console.width = PIPE_WIDTH
     return console
 
 
 def _table(*columns: str, title: str | None = None) -> Table:
+    # Two spaces between columns, not three: the licenses table, with its
+    # 32-character ids, then fits a 100-column terminal. A title is never
+    # folded over a table narrower than itself.
     table = Table(
         box=box.SIMPLE_HEAD,
         title=title,
         title_justify="left",
         show_edge=False,
         pad_edge=False,
+        collapse_padding=True,
+        min_width=len(title) if title else None,
     )
     # Never cut a value short with "…": an id is typed back in elsewhere,
     # so ids and instants keep to one line and other values fold.
@@ -233,18 +242,55 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def _local(moment: datetime | str | None, tz: str) -> str:
-    """An instant as the tenant's admin reads it: in the tenant's zone."""
-    if isinstance(moment, str):
-        moment = from_text(moment)
-    if moment is None:
-        return "-"
-    return moment.astimezone(zone(tz)).strftime("%Y-%m-%d %H:%M %Z")
+Moment = datetime | str | None
+"""An instant as the tool holds it: a datetime, its wire text, or none."""
 
 
-def _cell(moment: datetime | str | None, tz: str) -> str:
-    """An instant in a table cell: the table's caption names the zone."""
-    return _local(moment, tz).rsplit(" ", 1)[0]
+@dataclass(frozen=True, slots=True)
+class Clock:
+    """How one screen shows instants: in the tenant's zone, to the minute.
+
+    To the second when two instants it shows fall in the same minute, so
+    that two rows of a table never read alike yet differ.
+    """
+
+    tz: str
+    seconds: bool = False
+
+    @classmethod
+    def showing(cls, tz: str, moments: Iterable[Moment]) -> Clock:
+        return cls(tz, _same_minute(moments))
+
+    def local(self, moment: Moment) -> str:
+        """An instant with its zone's abbreviation, for a line of text."""
+        return self._show(moment, " %Z")
+
+    def cell(self, moment: Moment) -> str:
+        """An instant in a table cell: the table's title names the zone."""
+        return self._show(moment, "")
+
+    def _show(self, moment: Moment, suffix: str) -> str:
+        at = _instant(moment)
+        if at is None:
+            return "-"
+        shape = _SECONDS if self.seconds else _MINUTES
+        return at.astimezone(zone(self.tz)).strftime(shape + suffix)
+
+
+def _instant(moment: Moment) -> datetime | None:
+    return from_text(moment) if isinstance(moment, str) else moment
+
+
+def _same_minute(moments: Iterable[Moment]) -> bool:
+    """Whether two different instants would read the same to the minute."""
+    seen: dict[datetime, datetime] = {}
+    for moment in moments:
+        at = _instant(moment)
+        if at is not None:
+            minute = at.replace(second=0, microsecond=0)
+            if seen.setdefault(minute, at) != at:
+                return True
+    return False
 
 
 def _capacity_text(seats: int, tier: str | None) -> str:
@@ -269,31 +315,53 @@ def _license_json(lic: License, now: datetime, paid_from: datetime | None) -> An
     }
 
 
-def _license_rows(table: Table, entries: Iterable[Any], tz: str) -> Table:
-    for entry in entries:
-        table.add_row(
-            entry["id"],
-            Kind(entry["kind"]).label,
-            str(entry["capacity"]),
-            entry["state"],
-            _cell(entry["issued_at"], tz),
-            _cell(entry["activation_at"], tz),
-            _cell(entry["expires_at"], tz),
-            _cell(entry["stock_limit"], tz),
-        )
+def _license_table(
+    entries: Iterable[Any], clock: Clock, title: str | None = None
+) -> Table:
+    """Licenses with their ids, grouped by state, in under 100 columns."""
+    # A heading per state instead of a state column; the capacity is in
+    # the kind; the stock limit shows only while it matters, as an
+    # available license's "activate by"; the issue date is 24 months
+    # before it. With 32-character ids, a column more would wrap.
+    table = _table("license", "kind", "activation", "expiry", title=title)
+    for state, group in _by_state(entries).items():
+        table.add_row(f"{state} ({len(group)})")
+        for e in group:
+            table.add_row(
+                f"  {e['id']}",
+                _kind_cell(e),
+                _activation_cell(e, clock),
+                clock.cell(e["expires_at"]),
+            )
     return table
 
 
-LICENSE_COLUMNS = (
-    "license",
-    "kind",
-    "capacity",
-    "state",
-    "issued",
-    "activation",
-    "expiry",
-    "stock limit",
-)
+def _by_state(entries: Iterable[Any]) -> dict[State, list[Any]]:
+    groups: dict[State, list[Any]] = {state: [] for state in State}
+    for e in entries:
+        groups[State(e["state"])].append(e)
+    return {state: found for state, found in groups.items() if found}
+
+
+def _license_moments(entries: Iterable[Any]) -> Iterator[str | None]:
+    for e in entries:
+        yield e["activation_at"]
+        yield e["expires_at"]
+        if e["state"] == State.AVAILABLE:
+            yield e["stock_limit"]
+
+
+def _kind_cell(entry: Any) -> str:
+    """Basic 1, Basic 25, or Free with its size: a Cloud Free license's varies."""
+    kind = Kind(entry["kind"])
+    short = kind.label.removeprefix("Cloud ")
+    return short if kind.paid else f"{short} {entry['capacity']}"
+
+
+def _activation_cell(entry: Any, clock: Clock) -> str:
+    if entry["state"] == State.AVAILABLE:
+        return f"by {clock.cell(entry['stock_limit'])}"
+    return clock.cell(entry["activation_at"])
 
 
 # -- the root group --------------------------------------------------------------
@@ -393,8 +461,9 @@ def tenant_list(settings: Settings, as_json: bool) -> None:
         _echo_json({"tenants": tenants})
         return
     table = _table("tenant", "time zone", "created", "seats now", "tier")
+    seconds = _same_minute(t["created_at"] for t in tenants)
     for t in tenants:
-        created = _local(t["created_at"], t["tz"])
+        created = Clock(t["tz"], seconds).local(t["created_at"])
         table.add_row(t["tenant"], t["tz"], created, str(t["seats"]), t["tier"] or "-")
     _print(table, f"{len(tenants)} tenant(s)")
 
@@ -416,9 +485,9 @@ def _tenant_json(tenant: Tenant, now: Capacity) -> Any:
 def tenant_show(settings: Settings, tenant: str, as_json: bool) -> None:
     """Show TENANT at a glance.
 
-    Capacity now and over the coming 12 months (at each month start and
-    each license change), licenses by state with their dates, routers
-    online, waiting and offline, and the next license event.
+    Capacity now and at each license change over the coming 12 months
+    (--json adds each month start), licenses by state with their dates,
+    routers online, waiting and offline, and the next license change.
     """
     facts = _run(settings, lambda store: _facts(store, tenant, routers=True))
     overview = _overview(facts, settings.now)
@@ -494,51 +563,92 @@ def _point(licenses: Sequence[License], at: datetime) -> Any:
     }
 
 
-def _changes_text(changes: Iterable[Any]) -> str:
-    return ", ".join(f"{c['license']} {c['to']}" for c in changes) or "-"
+_ENTERS = {
+    State.ACTIVE: ("becomes active", "become active"),
+    State.EXPIRED: ("expires", "expire"),
+    State.NON_REDEEMABLE: ("becomes non-redeemable", "become non-redeemable"),
+    State.INVALIDATED: ("invalidated", "invalidated"),
+}
+"""What a license does at a timeline instant, said of one and of several."""
+
+
+def _changes_text(changes: Iterable[Any], kinds: dict[str, str]) -> str:
+    """License changes counted by kind and by the state entered, one phrase each."""
+    counts = Counter((Kind(kinds[c["license"]]), State(c["to"])) for c in changes)
+    order = sorted(counts, key=lambda key: (list(State).index(key[1]), key[0]))
+    return ", ".join(_change_text(*key, counts[key]) for key in order) or "-"
+
+
+def _change_text(kind: Kind, state: State, count: int) -> str:
+    one, several = _ENTERS.get(state, (f"becomes {state}", f"become {state}"))
+    return f"{count} × {kind.label} {one if count == 1 else several}"
 
 
 def _print_overview(view: Any) -> None:
     tz, now, routers = view["tz"], view["capacity"], view["routers"]
+    kinds = _license_kinds(view)
+    timeline = _shown_points(view["timeline"])
+    clock = Clock.showing(tz, _overview_moments(view, timeline))
     lines = [
         f"tenant {view['tenant']} (time zone {tz}), "
-        f"created {_local(view['created_at'], tz)}",
-        f"capacity now ({_local(view['now'], tz)}): "
+        f"created {clock.local(view['created_at'])}",
+        f"capacity now ({clock.local(view['now'])}): "
         f"{_capacity_text(now['seats'], now['tier'])}",
         "routers: " + ", ".join(f"{routers[s]} {s}" for s in _ROUTER_STATES),
-        "next license event: " + _next_text(view["next_event"], tz),
+        "next change: " + _next_text(view["next_event"], kinds, clock),
     ]
-    _print("\n".join(lines), _licenses_by_state(view), _timeline_table(view))
+    entries = [e for found in view["licenses"].values() for e in found]
+    licenses = _license_table(entries, clock, f"licenses (times in {tz})")
+    _print("\n".join(lines), licenses, _timeline_table(timeline, kinds, clock))
 
 
-def _licenses_by_state(view: Any) -> Table:
-    dates = ("activation_at", "expires_at", "stock_limit")
-    table = _table("state", *LICENSE_COLUMNS[:3], *LICENSE_COLUMNS[5:])
-    table.title = f"licenses (times in {view['tz']})"
-    for state, entries in view["licenses"].items():
-        for e in entries:
-            kind, capacity = Kind(e["kind"]).label, str(e["capacity"])
-            local = [_cell(e[key], view["tz"]) for key in dates]
-            table.add_row(state, e["id"], kind, capacity, *local)
-    return table
-
-
-def _timeline_table(view: Any) -> Table:
-    title = f"capacity, next {TIMELINE_MONTHS} months (times in {view['tz']})"
+def _timeline_table(
+    timeline: Sequence[Any], kinds: dict[str, str], clock: Clock
+) -> Table | str:
+    if len(timeline) < 2:
+        return f"capacity, next {TIMELINE_MONTHS} months: no change"
+    title = f"capacity, next {TIMELINE_MONTHS} months (times in {clock.tz})"
     table = _table("at", "seats", "tier", "changes", title=title)
-    for p in view["timeline"]:
-        at, seats, tier = _cell(p["at"], view["tz"]), str(p["seats"]), p["tier"]
-        table.add_row(at, seats, tier or "-", _changes_text(p["changes"]))
+    for p in timeline:
+        changes = _changes_text(p["changes"], kinds)
+        table.add_row(clock.cell(p["at"]), str(p["seats"]), p["tier"] or "-", changes)
     return table
 
 
-def _next_text(point: Any, tz: str) -> str:
+def _next_text(point: Any, kinds: dict[str, str], clock: Clock) -> str:
+    # Not the capacity it leads to, which the timeline shows: with it, a
+    # paid license that invalidates Cloud Free would not fit one line.
     if point is None:
         return "none"
-    after = _capacity_text(point["seats"], point["tier"])
-    return (
-        f"{_local(point['at'], tz)}: {_changes_text(point['changes'])} (then {after})"
-    )
+    return f"{clock.local(point['at'])}: {_changes_text(point['changes'], kinds)}"
+
+
+def _license_kinds(view: Any) -> dict[str, str]:
+    return {e["id"]: e["kind"] for found in view["licenses"].values() for e in found}
+
+
+def _shown_points(timeline: Sequence[Any]) -> list[Any]:
+    """Now, then only the instants at which capacity, tier or a license changes.
+
+    --json keeps every month start too; on a terminal they only repeat
+    the row above them.
+    """
+    shown = list(timeline[:1])
+    for point in timeline[1:]:
+        last = shown[-1]
+        moved = (point["seats"], point["tier"]) != (last["seats"], last["tier"])
+        if point["changes"] or moved:
+            shown.append(point)
+    return shown
+
+
+def _overview_moments(view: Any, timeline: Sequence[Any]) -> Iterator[str | None]:
+    yield view["created_at"]
+    yield from (point["at"] for point in timeline)
+    if view["next_event"] is not None:
+        yield view["next_event"]["at"]
+    for found in view["licenses"].values():
+        yield from _license_moments(found)
 
 
 # -- import ----------------------------------------------------------------------
@@ -838,22 +948,15 @@ def _print_activation(report: Any, tz: str) -> None:
     if not report["activated"]:
         click.echo(f"tenant {report['tenant']} has no available license: nothing done")
         return
-    table = _table("license", "kind", "state", "activation", "expiry")
-    for e in report["activated"]:
-        table.add_row(
-            e["id"],
-            Kind(e["kind"]).label,
-            e["state"],
-            _cell(e["activation_at"], tz),
-            _cell(e["expires_at"], tz),
-        )
+    invalid = [item["at"] for item in report["invalidates"]]
+    clock = Clock.showing(tz, [*_license_moments(report["activated"]), *invalid])
     count = len(report["activated"])
     done = f"tenant {report['tenant']}: {count} license(s) activated"
-    _print(table, f"{done}, times in {tz}")
+    _print(_license_table(report["activated"], clock), f"{done}, times in {tz}")
     for item in report["invalidates"]:
         click.echo(
             f"warning: Cloud Free license {item['license']} becomes invalid for "
-            f"good at {_local(item['at'], tz)}, when a paid license becomes "
+            f"good at {clock.local(item['at'])}, when a paid license becomes "
             "active: Cloud Free is never combined with paid licenses"
         )
 
@@ -884,8 +987,9 @@ def licenses_command(
             {"tenant": tenant, "now": to_text(settings.now), "licenses": entries}
         )
         return
-    table = _license_rows(_table(*LICENSE_COLUMNS), entries, facts.tenant.tz)
-    _print(table, f"{len(entries)} license(s), times in {facts.tenant.tz}")
+    tz = facts.tenant.tz
+    table = _license_table(entries, Clock.showing(tz, _license_moments(entries)))
+    _print(table, f"{len(entries)} license(s), times in {tz}")
 
 
 # -- routers ---------------------------------------------------------------------
@@ -942,10 +1046,11 @@ def _router_counts(routers: Iterable[RouterRow]) -> dict[str, int]:
 
 def _print_routers(rows: Sequence[Any], counts: dict[str, int], tz: str) -> None:
     table = _table("router", "state", "place", "epoch", "since")
+    clock = Clock.showing(tz, (r["since"] for r in rows))
     for r in rows:
         place = "-" if r["position"] is None else str(r["position"])
         table.add_row(
-            r["router"], r["state"], place, str(r["epoch"]), _cell(r["since"], tz)
+            r["router"], r["state"], place, str(r["epoch"]), clock.cell(r["since"])
         )
     summary = ", ".join(f"{counts[s]} {s}" for s in _ROUTER_STATES)
     _print(table, f"{summary}; times in {tz}")
@@ -1018,12 +1123,11 @@ def audit_command(
         _echo_json({"tenant": tenant, "entries": rows})
         return
     table = _table("at", "subject", "event", "detail", "actor")
+    clock = Clock.showing(found.tz, (r["at"] for r in rows))
     for r in rows:
         detail = ", ".join(f"{k}={_plain(v)}" for k, v in r["detail"].items())
         subject_text = f"{r['subject']} {r['subject_id']}"
-        table.add_row(
-            _cell(r["at"], found.tz), subject_text, r["event"], detail, r["actor"]
-        )
+        table.add_row(clock.cell(r["at"]), subject_text, r["event"], detail, r["actor"])
     count = f"{len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"
     _print(table, f"{count}, times in {found.tz}")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import click
 import gmqtt
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -26,12 +27,18 @@ from tools.router import SimRouter
 
 @dataclass(slots=True)
 class FleetReport:
-    """What each router was told, in the order the routers said hello."""
+    """What each router was told, in the order the routers said hello.
+
+    ``decisions`` and ``latency`` are the answers to the hellos;
+    ``updates`` is what the gateway announced later, during ``held``
+    seconds of heartbeats.
+    """
 
     decisions: dict[str, Decision] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     unanswered: list[str] = field(default_factory=list)
     updates: list[Decision] = field(default_factory=list)
+    held: float = 0.0
 
     def final(self) -> dict[str, Decision]:
         """Each router's latest decision, updates included."""
@@ -39,6 +46,22 @@ class FleetReport:
         for update in self.updates:
             latest[update.router] = update
         return latest
+
+    def moves(self) -> dict[str, list[Decision]]:
+        """Per router, the updates that changed its decision, reason or tier."""
+        last: dict[str, Decision] = dict(self.decisions)
+        moves: dict[str, list[Decision]] = {}
+        for update in self.updates:
+            before = last.get(update.router)
+            if before is None or _told(before) != _told(update):
+                moves.setdefault(update.router, []).append(update)
+            last[update.router] = update
+        return moves
+
+
+def _told(decision: Decision) -> tuple[str, str, str | None]:
+    # Not the position: a router moving up the line has not changed state.
+    return decision.decision, decision.reason.value, decision.tier
 
 
 def router_names(count: int, prefix: str = "R") -> list[str]:
@@ -106,6 +129,7 @@ async def run_fleet(
                 await one(router)
         if hold > 0:
             await _hold(routers, hold, report)
+            report.held = hold
         for router in routers:
             if goodbye:
                 router.goodbye()
@@ -132,32 +156,71 @@ async def _hold(routers: list[SimRouter], seconds: float, report: FleetReport) -
 
 
 def _table(report: FleetReport, tenant: str) -> Table:
-    table = Table(title=f"fleet of tenant {tenant}")
-    for column in (
-        "router",
-        "decision",
-        "presence",
-        "reason",
-        "position",
-        "tier",
-        "ms",
-    ):
-        table.add_column(column)
-    for name, decision in report.final().items():
-        presence = "online" if decision.decision == "accept" else "offline"
+    """One row per router: its first answer, then what it changed to, if it did."""
+    columns = ["router", "answer", "reason", "place", "tier", "ms"]
+    if report.held or report.updates:
+        columns.append("during hold")
+    table = Table(
+        *columns,
+        title=f"fleet of tenant {tenant}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    moves = report.moves()
+    for name, first in report.decisions.items():
+        # The latency is the hello's round trip: it belongs to the first answer.
         ms = report.latency.get(name)
-        table.add_row(
+        row = [
             name,
-            decision.decision,
-            presence,
-            decision.reason.value,
-            str(decision.position or ""),
-            decision.tier or "",
-            f"{ms * 1000:.1f}" if ms is not None else "",
-        )
+            first.decision,
+            first.reason.value,
+            str(first.position or ""),
+            first.tier or "",
+            "" if ms is None else f"{ms * 1000:.1f}",
+            _moves_text(first, moves.get(name)),
+        ]
+        table.add_row(*row[: len(columns)])
     for name in report.unanswered:
-        table.add_row(name, "no reply", "unknown", "", "", "", "")
+        row = [name, "no reply", "", "", "", "", _moves_text(None, moves.get(name))]
+        table.add_row(*row[: len(columns)])
     return table
+
+
+def _moves_text(first: Decision | None, moves: list[Decision] | None) -> str:
+    """Each change in turn, e.g. "→ accept (seat_freed)", with the gateway's cause."""
+    said, before = [], first
+    for after in moves or []:
+        said.append(f"→ {_move(before, after)} ({after.cause.value})")
+        before = after
+    return " ".join(said)
+
+
+def _move(before: Decision | None, after: Decision) -> str:
+    # The decision, and the reason or tier only where they say something new.
+    if after.decision == "accept":
+        if before is None or before.decision != "accept":
+            return "accept"
+        return f"accept, {after.tier} tier"
+    if before is not None and before.reason == after.reason:
+        return "reject"
+    return f"reject, {after.reason.value}"
+
+
+def _summary_line(report: FleetReport) -> str:
+    """The fleet's final state in counts, and how many changed during the hold."""
+    final = report.final().values()
+    online = sum(d.decision == "accept" for d in final)
+    waiting = sum(d.decision == "reject" and d.position is not None for d in final)
+    offline = len(final) - online - waiting
+    line = f"{online} online, {waiting} waiting, {offline} offline"
+    if report.unanswered:
+        line += f", {len(report.unanswered)} unanswered"
+    if report.held or report.updates:
+        line += f"; {len(report.moves())} changed during the hold"
+    return line
 
 
 def _summary(report: FleetReport) -> dict[str, object]:
@@ -229,11 +292,6 @@ def fleet_command(
         click.echo(json.dumps(summary, indent=2))
     else:
         Console().print(_table(report, tenant))
-        final = report.final().values()
-        online = sum(d.decision == "accept" for d in final)
-        line = f"{online} online, {len(final) - online} offline"
-        if report.unanswered:
-            line += f", {len(report.unanswered)} unanswered"
-        click.echo(line)
+        click.echo(_summary_line(report))
     if report.unanswered:
         sys.exit(1)

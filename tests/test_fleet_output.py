@@ -1,0 +1,135 @@
+"""irm-tool fleet's table and summary line, from hand-built reports: no broker."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+from rich.console import Console
+
+from gateway.protocol import Decision
+from policy.admission import Cause, Reason
+from policy.licenses import Tier
+from tools.fleet import FleetReport, _summary, _summary_line, _table
+
+
+def told(
+    router: str,
+    accepted: bool,
+    *,
+    reason: Reason | None = None,
+    cause: Cause = Cause.HELLO,
+    position: int | None = None,
+    tier: Tier | None = Tier.FULL,
+) -> Decision:
+    return Decision(
+        tenant="acme",
+        router=router,
+        session=f"s-{router}",
+        epoch=1,
+        decision="accept" if accepted else "reject",
+        reason=reason or (Reason.LICENSED if accepted else Reason.CAPACITY_EXCEEDED),
+        tier=tier,
+        position=position,
+        lease_seconds=60,
+        cause=cause,
+        at="2025-06-01T10:00:00Z",
+    )
+
+
+def rows(report: FleetReport) -> dict[str, str]:
+    """Each router's line of the table as a 120-column terminal shows it."""
+    out = StringIO()
+    Console(file=out, width=120).print(_table(report, "acme"))
+    lines = [line.rstrip() for line in out.getvalue().splitlines()]
+    return {line.split()[0]: line for line in lines[3:]}
+
+
+def held_fleet() -> FleetReport:
+    """R01 seated; R02 in line until a seat is freed; R03 never answered."""
+    return FleetReport(
+        decisions={
+            "R01": told("R01", True),
+            "R02": told("R02", False, position=1),
+        },
+        latency={"R01": 0.0021, "R02": 0.0034},
+        unanswered=["R03"],
+        updates=[told("R02", True, cause=Cause.SEAT_FREED)],
+        held=20.0,
+    )
+
+
+def test_a_router_admitted_during_the_hold_shows_both_answers() -> None:
+    row = rows(held_fleet())["R02"].split()
+
+    assert row[:6] == ["R02", "reject", "capacity_exceeded", "1", "full", "3.4"]
+    assert " ".join(row[6:]) == "→ accept (seat_freed)"
+
+
+def test_a_router_whose_answer_held_shows_it_once() -> None:
+    row = rows(held_fleet())["R01"]
+
+    assert row.split() == ["R01", "accept", "licensed", "full", "2.1"]
+    assert "→" not in row
+
+
+def test_a_router_that_never_answered_shows_no_reply() -> None:
+    assert rows(held_fleet())["R03"].split() == ["R03", "no", "reply"]
+
+
+def test_the_summary_counts_final_states_and_the_routers_that_changed() -> None:
+    assert _summary_line(held_fleet()) == (
+        "2 online, 0 waiting, 0 offline, 1 unanswered; 1 changed during the hold"
+    )
+
+
+def test_a_move_up_the_line_is_not_a_change_but_a_lost_seat_is() -> None:
+    report = FleetReport(
+        decisions={
+            "R01": told("R01", True),
+            "R02": told("R02", False, position=2),
+        },
+        updates=[
+            told("R02", False, position=1, cause=Cause.SEAT_FREED),
+            told("R01", False, position=1, cause=Cause.CAPACITY),
+        ],
+        held=5.0,
+    )
+
+    shown = rows(report)
+
+    assert "→" not in shown["R02"]
+    assert shown["R01"].endswith("→ reject, capacity_exceeded (capacity)")
+    assert _summary_line(report) == (
+        "0 online, 2 waiting, 0 offline; 1 changed during the hold"
+    )
+
+
+def test_a_tier_change_of_a_seated_router_names_the_new_tier() -> None:
+    report = FleetReport(
+        decisions={"R01": told("R01", True, tier=Tier.FREE)},
+        updates=[told("R01", True, cause=Cause.CAPACITY, tier=Tier.FULL)],
+        held=5.0,
+    )
+
+    assert rows(report)["R01"].endswith("→ accept, full tier (capacity)")
+
+
+def test_without_a_hold_there_is_no_hold_column_and_no_hold_count() -> None:
+    report = FleetReport(
+        decisions={"R01": told("R01", True), "R02": told("R02", False)},
+        latency={"R01": 0.002, "R02": 0.003},
+    )
+
+    out = StringIO()
+    Console(file=out, width=120).print(_table(report, "acme"))
+
+    assert "during hold" not in out.getvalue()
+    assert _summary_line(report) == "1 online, 0 waiting, 1 offline"
+
+
+def test_the_json_summary_still_reports_the_final_decisions() -> None:
+    summary = _summary(held_fleet())
+
+    assert summary["online"] == ["R01", "R02"]
+    assert summary["offline"] == []
+    assert summary["unanswered"] == ["R03"]
