@@ -13,15 +13,24 @@ import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import cast
 
 import click
 import gmqtt
 from rich import box
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from gateway import protocol
 from gateway.protocol import Decision
+from tools.load import LoadSpec, Mode, Summary, run_load
 from tools.router import SimRouter
 
 
@@ -240,8 +249,52 @@ def _summary(report: FleetReport) -> dict[str, object]:
     }
 
 
+def _load_summary(summary: Summary) -> Table:
+    report = summary.report()
+    table = Table(title="load summary", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("hellos sent / answered", f"{report['sent']} / {report['answered']}")
+    table.add_row("unanswered", str(report["unanswered"]))
+    for outcome, count in sorted(report["decisions"].items()):
+        table.add_row(f"  {outcome.replace(':', ', ')}", str(count))
+    table.add_row(
+        "routers online / offline", f"{report['online']} / {report['offline']}"
+    )
+    table.add_row("round trips per second", str(report["round_trips_per_s"]))
+    latency = report["latency_ms"]
+    table.add_row(
+        "latency ms p50 / p95 / p99 / max",
+        " / ".join(str(latency[q]) for q in ("p50", "p95", "p99", "max")),
+    )
+    if report["storm_s"] is not None:
+        table.add_row("reconnect storm decided in (s)", str(report["storm_s"]))
+        table.add_row("same routers online after it", str(report["storm_same_online"]))
+    return table
+
+
+def _run_load(spec: LoadSpec, as_json: bool) -> Summary:
+    """Run a load mode with a progress bar (on a terminal) and report."""
+    expected = spec.routers * (2 if spec.mode == "storm" else 1)
+    bounded = spec.mode in ("once", "storm")
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    with Progress(*columns, TimeElapsedColumn(), disable=as_json) as progress:
+        task = progress.add_task(
+            f"{spec.mode}: answers", total=expected if bounded else None
+        )
+        summary = run_load(spec, lambda n: progress.advance(task, n))
+    if as_json:
+        click.echo(json.dumps(summary.report(), indent=2))
+    else:
+        Console().print(_load_summary(summary))
+    return summary
+
+
 @click.command("fleet")
-@click.option("--tenant", required=True, help="Tenant the routers belong to.")
+@click.option(
+    "--tenant", "tenants", required=True, multiple=True,
+    help="Tenant of the routers; repeat it to spread a load over tenants.",
+)  # fmt: skip
 @click.option("--routers", "count", default=10, show_default=True, help="How many.")
 @click.option("--name-prefix", default="R", show_default=True, help="R -> R01, R02...")
 @click.option(
@@ -249,6 +302,15 @@ def _summary(report: FleetReport) -> dict[str, object]:
 )
 @click.option("--port", default=18830, show_default=True, envvar="IRM_BROKER_PORT")
 @click.option("--prefix", default=protocol.PREFIX, show_default=True, help="Topics.")
+@click.option(
+    "--mode",
+    type=click.Choice(["table", "once", "closed", "rate", "storm"]),
+    default="table",
+    show_default=True,
+    help="table: each router's answer; once: all say hello once; closed: hello "
+    "again at once, for --duration (throughput); rate: --rate hellos a second "
+    "(latency); storm: hello, then all reconnect at once.",
+)
 @click.option(
     "--concurrent", is_flag=True, help="All say hello at once, not one after another."
 )
@@ -259,39 +321,77 @@ def _summary(report: FleetReport) -> dict[str, object]:
     show_default=True,
     help="Say goodbye at the end; without it, seats last until the leases run out.",
 )
+@click.option("--processes", default=1, show_default=True, help="Worker processes.")
+@click.option("--connect-rate", default=2000.0, show_default=True, help="Connects/s.")
+@click.option(
+    "--duration", default=10.0, show_default=True, help="Seconds (closed, rate)."
+)
+@click.option("--rate", default=1000.0, show_default=True, help="Hellos/s (rate mode).")
+@click.option(
+    "--churn", default=0.0, show_default=True,
+    help="Share of routers that leave and come back every third of --duration.",
+)  # fmt: skip
+@click.option("--heartbeat", default=20.0, show_default=True, help="Seconds between.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per reply.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def fleet_command(
-    tenant: str,
+    tenants: tuple[str, ...],
     count: int,
     name_prefix: str,
     host: str,
     port: int,
     prefix: str,
+    mode: str,
     concurrent: bool,
     hold: float,
     goodbye: bool,
+    processes: int,
+    connect_rate: float,
+    duration: float,
+    rate: float,
+    churn: float,
+    heartbeat: float,
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Simulate a fleet of routers that say hello and report their answers."""
-    names = router_names(count, name_prefix)
+    """Simulate a fleet of routers, each its own MQTT connection.
 
-    async def go() -> FleetReport:
-        if not await wait_for_gateway(host, port, prefix, timeout):
-            click.echo(f"irm-tool: no gateway online on {host}:{port}", err=True)
-            sys.exit(1)
-        return await run_fleet(
-            host, port, tenant, names, prefix=prefix, concurrent=concurrent,
-            hold=hold, goodbye=goodbye, timeout=timeout,
+    The default shows what each router was told. The other modes are a load
+    generator: many tenants, worker processes, a progress bar, and a summary
+    of answers, reasons and latency percentiles.
+    """
+    if not asyncio.run(wait_for_gateway(host, port, prefix, timeout)):
+        click.echo(f"irm-tool: no gateway online on {host}:{port}", err=True)
+        sys.exit(1)
+    if mode != "table":
+        spec = LoadSpec(
+            host, port, tenants, count, cast("Mode", mode),
+            processes, connect_rate, duration, rate, churn, heartbeat, timeout,
+            prefix, name_prefix,
         )  # fmt: skip
-
-    report = asyncio.run(go())
-    summary = _summary(report)
+        if _run_load(spec, as_json).unanswered:
+            sys.exit(1)
+        return
+    if len(tenants) != 1:
+        raise click.UsageError("--mode table takes one --tenant")
+    names = router_names(count, name_prefix)
+    report = asyncio.run(
+        run_fleet(
+            host,
+            port,
+            tenants[0],
+            names,
+            prefix=prefix,
+            concurrent=concurrent,
+            hold=hold,
+            goodbye=goodbye,
+            timeout=timeout,
+        )
+    )
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(_summary(report), indent=2))
     else:
-        Console().print(_table(report, tenant))
+        Console().print(_table(report, tenants[0]))
         click.echo(_summary_line(report))
     if report.unanswered:
         sys.exit(1)
