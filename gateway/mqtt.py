@@ -16,6 +16,7 @@ unacknowledged (it runs out of packet ids), so :class:`_Window` does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ class _Window(PersistentStorage):  # type: ignore[misc]
         if len(self._messages) < self.size:
             self._free.set()
 
-    async def slot(self) -> None:
-        await self._free.wait()
+    @property
+    def free(self) -> asyncio.Event:
+        """Set while the window has room for another publish."""
+        return self._free
 
 
 class _Client(gmqtt.Client):  # type: ignore[misc]
@@ -120,6 +123,7 @@ class Mqtt:
         self._window = _Window(window)
         self._window_wanted = window
         self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         will_message = None
         if will is not None:
@@ -150,8 +154,9 @@ class Mqtt:
         await self._connected.wait()
 
     async def __aenter__(self) -> Mqtt:
+        """Connect, retrying with backoff until connected or :meth:`give_up`."""
         attempt = 0
-        while True:
+        while not self._closing.is_set():
             try:
                 await self._client.connect(
                     self._host, self._port, keepalive=self._keepalive, version=MQTTv50
@@ -160,17 +165,35 @@ class Mqtt:
                 delay = self._client.backoff.delay(attempt)
                 attempt += 1
                 log.warning("broker unreachable", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), delay)
             else:
+                await self._until(self._connected)
                 break
-        await self._connected.wait()
         return self
+
+    def give_up(self) -> None:
+        """Stop waiting for the broker: publishes that cannot go out now are
+        dropped, and inbound messages stay unacknowledged, so the broker
+        delivers them again to the next session."""
+        self._closing.set()
+
+    async def _until(self, event: asyncio.Event) -> bool:
+        """Wait for ``event`` unless giving up; True if it is set."""
+        if event.is_set():
+            return True
+        waiters = [asyncio.ensure_future(e.wait()) for e in (event, self._closing)]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        return event.is_set()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:
         """Wait briefly for unacknowledged publishes, then disconnect."""
+        self._closing.set()
         if self._client.is_connected:
             try:
                 await asyncio.wait_for(self._window.wait_empty(), timeout=5)
@@ -194,8 +217,10 @@ class Mqtt:
         broker acknowledges it; unacknowledged publishes are resent after a
         reconnect.
         """
-        await self._window.slot()
-        await self._connected.wait()
+        if not await self._until(self._window.free) or not await self._until(
+            self._connected
+        ):
+            return
         properties: dict[str, Any] = {}
         if correlation is not None:
             properties["correlation_data"] = correlation

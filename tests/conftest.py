@@ -60,6 +60,19 @@ def tool_json(database: Path, *args: str, now: str | None = None) -> Any:
     return json.loads(result.stdout)
 
 
+_started: list[GatewayProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_gateway_outlives_its_test() -> Iterator[None]:
+    """Kill every gateway a test started, whether it passed or failed."""
+    yield
+    while _started:
+        gateway = _started.pop()
+        if gateway.alive():
+            gateway.kill()
+
+
 class GatewayProcess:
     """``irm-gateway`` as a child process, started, stopped or killed at will."""
 
@@ -69,6 +82,7 @@ class GatewayProcess:
         self.log = log
         self.options = {"lease-seconds": 60, "grace-seconds": 2, **options}
         self.process: subprocess.Popen[bytes] | None = None
+        _started.append(self)
 
     def command(self) -> list[str]:
         command = [
@@ -81,13 +95,17 @@ class GatewayProcess:
             command += [f"--{key}", str(value)]
         return command
 
-    async def start(self, timeout: float = 20.0) -> None:
-        """Start, and return once its retained status says it came online."""
-        started = datetime.now(UTC)
+    def spawn(self) -> None:
+        """Start the process and return at once."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT
             )
+
+    async def start(self, timeout: float = 20.0) -> None:
+        """Start, and return once its retained status says it came online."""
+        started = datetime.now(UTC)
+        self.spawn()
         await wait_gateway_online(self.broker.port, started, timeout, self)
 
     def alive(self) -> bool:

@@ -207,3 +207,29 @@ async def test_sigterm_finishes_in_flight_hellos_and_exits_cleanly(
     for router in routers:
         await router.disconnect()
     gateway.stop()
+
+
+async def test_sigterm_ends_the_gateway_even_when_the_broker_is_gone(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Decisions are durable already; what cannot be published is redelivered."""
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T", basic1=2)
+    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
+    await gateway.start()
+    broker.stop()
+    assert gateway.stop(timeout=20) == 0
+
+
+async def test_sigterm_ends_a_gateway_that_never_reached_its_broker(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T", basic1=2)
+    nowhere = Broker(tmp_path / "never-started")
+    gateway = GatewayProcess(nowhere, database, tmp_path / "gw.log")
+    gateway.spawn()
+    async with asyncio.timeout(20):
+        while "broker unreachable" not in gateway.log.read_text():  # noqa: ASYNC110 - a child's log has nothing to await
+            await asyncio.sleep(0.05)
+    assert gateway.stop(timeout=20) == 0
