@@ -9,11 +9,12 @@ import structlog
 
 
 def setup(fmt: str = "auto", level: str = "info") -> None:
-    """JSON lines for machines, coloured key-values on a terminal."""
+    """JSON lines for machines, coloured key-values on a terminal.
+
+    The standard library's records (the MQTT client's, for one) go through
+    the same renderer, so a JSON log holds nothing but JSON lines.
+    """
     number = getattr(logging, level.upper())
-    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=number)
-    for noisy in ("gmqtt", "aiosqlite"):
-        logging.getLogger(noisy).setLevel(max(number, logging.WARNING))
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.typing.Processor = (
@@ -21,14 +22,28 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
         if fmt == "json"
         else structlog.dev.ConsoleRenderer()
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                renderer,
+            ],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(number)
+    for noisy in ("gmqtt", "aiosqlite"):
+        logging.getLogger(noisy).setLevel(max(number, logging.WARNING))
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(number),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,

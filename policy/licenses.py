@@ -23,7 +23,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from policy.errors import RuleViolation
-from policy.timeutil import add_months, to_text
+from policy.timeutil import add_local_months, add_months, to_text
 
 STOCK_MONTHS = 24
 FREE_MAX_CAPACITY = 1000
@@ -87,6 +87,8 @@ class License:
     issued_at: datetime
     imported_at: datetime
     activation_at: datetime | None = None
+    tz: str = "UTC"
+    """The tenant's time zone: terms run in calendar months of its calendar."""
     expires_at: datetime | None = field(init=False, compare=False, repr=False)
     stock_limit: datetime = field(init=False, compare=False, repr=False)
 
@@ -95,7 +97,7 @@ class License:
         # instant and every change the tool makes, thousands at a time.
         expires = None
         if self.activation_at is not None:
-            expires = add_months(self.activation_at, self.term_months)
+            expires = add_local_months(self.activation_at, self.term_months, self.tz)
         object.__setattr__(self, "expires_at", expires)
         object.__setattr__(
             self, "stock_limit", add_months(self.issued_at, STOCK_MONTHS)

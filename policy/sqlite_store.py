@@ -116,23 +116,39 @@ class SqliteStore:
         self._lock_timeout = lock_timeout
 
     @classmethod
-    async def open(cls, path: str | Path, lock_timeout: float = 10.0) -> SqliteStore:
+    async def open(
+        cls, path: str | Path, lock_timeout: float = 10.0, *, create: bool = True
+    ) -> SqliteStore:
         """Open (and create or migrate) the database at ``path``.
 
         ``lock_timeout`` is how long a write waits for another process's
-        write to finish before it fails.
+        write to finish before it fails. With ``create`` false, a path that
+        does not exist is refused rather than made into an empty database.
         """
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(path)
+        if not create and not path.exists():
+            raise StoreError(
+                f"database {path} does not exist: check the path, or create it "
+                "with 'irm-tool tenant add'"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        store = cls(db, lock_timeout)
+        try:
             await db.execute("PRAGMA busy_timeout = 2")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as exc:
+            await store._migrate()
+        except (sqlite3.Error, StoreError) as exc:
+            # Close, or the connection's worker thread keeps the process alive.
+            await db.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"cannot open database {path}: {exc}") from exc
-        store = cls(db, lock_timeout)
-        await store._migrate()
         return store
 
     async def close(self) -> None:
@@ -230,9 +246,9 @@ class SqliteStore:
 
     async def licenses(self, tenant: str) -> list[License]:
         rows = await self._db.execute_fetchall(
-            "SELECT id, tenant, kind, capacity, term_months, issued_at, imported_at,"
-            f" activation_at FROM licenses WHERE tenant = ? AND {VISIBLE}"
-            " ORDER BY imported_at, id",
+            "SELECT id, licenses.tenant, kind, capacity, term_months, issued_at,"
+            " imported_at, activation_at, tz FROM licenses JOIN tenants USING (tenant)"
+            f" WHERE licenses.tenant = ? AND {VISIBLE} ORDER BY imported_at, id",
             (tenant,),
         )
         # Thousands of rows take tens of milliseconds to convert: in a worker
@@ -646,6 +662,7 @@ def _license(row: Sequence[Any]) -> License:
         issued_at=_instant(row[5]),
         imported_at=_instant(row[6]),
         activation_at=from_text(row[7]),
+        tz=row[8],
     )
 
 

@@ -35,6 +35,18 @@ def add_months(moment: datetime, months: int) -> datetime:
 _DAYS = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
 
+def add_local_months(moment: datetime, months: int, tz_name: str) -> datetime:
+    """Add calendar months on the wall clock of a time zone; return UTC.
+
+    A license activated at midnight on 1 March in Berlin runs to midnight on
+    1 April in Berlin, whatever UTC's calendar says. A wall time that does
+    not exist (the hour skipped when clocks go forward) is read with the
+    offset before the change, so it lands one hour later.
+    """
+    local = moment.astimezone(zone(tz_name))
+    return add_months(local, months).astimezone(UTC)
+
+
 def zone(name: str) -> ZoneInfo:
     """Look up an IANA time zone, naming it in the error if unknown."""
     try:

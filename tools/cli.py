@@ -139,11 +139,17 @@ def _warn_demo(path: Path, instead: str) -> None:
     )
 
 
-def _run(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    """Open the store, do ``work`` and close the store, in one event loop."""
+def _run(
+    settings: Settings, work: Callable[[Store], Awaitable[T]], *, create: bool = False
+) -> T:
+    """Open the store, do ``work`` and close the store, in one event loop.
+
+    Only adding a tenant creates a missing database: any other command on a
+    mistyped path says so instead of answering from an empty one.
+    """
 
     async def session() -> T:
-        store = await SqliteStore.open(settings.database)
+        store = await SqliteStore.open(settings.database, create=create)
         try:
             return await work(store)
         finally:
@@ -438,7 +444,7 @@ def tenant_add(settings: Settings, tenant: str, tz: str) -> None:
         await store.add_tenant(tenant, tz, settings.now)
         return existed
 
-    existed = _run(settings, work)
+    existed = _run(settings, work, create=True)
     said = "exists already" if existed else "added"
     click.echo(f"tenant {tenant} {said} (time zone {tz})")
 

@@ -295,12 +295,18 @@ def _run_load(spec: LoadSpec, as_json: bool) -> Summary:
     "--tenant", "tenants", required=True, multiple=True,
     help="Tenant of the routers; repeat it to spread a load over tenants.",
 )  # fmt: skip
-@click.option("--routers", "count", default=10, show_default=True, help="How many.")
+@click.option(
+    "--routers", "count", default=10, show_default=True,
+    type=click.IntRange(min=1), help="How many.",
+)  # fmt: skip
 @click.option("--name-prefix", default="R", show_default=True, help="R -> R01, R02...")
 @click.option(
     "--host", default="127.0.0.1", show_default=True, envvar="IRM_BROKER_HOST"
 )
-@click.option("--port", default=18830, show_default=True, envvar="IRM_BROKER_PORT")
+@click.option(
+    "--port", default=18830, show_default=True, envvar="IRM_BROKER_PORT",
+    show_envvar=True, type=click.IntRange(1, 65535),
+)  # fmt: skip
 @click.option("--prefix", default=protocol.PREFIX, show_default=True, help="Topics.")
 @click.option(
     "--mode",
@@ -360,7 +366,22 @@ def fleet_command(
     generator: many tenants, worker processes, a progress bar, and a summary
     of answers, reasons and latency percentiles.
     """
-    if not asyncio.run(wait_for_gateway(host, port, prefix, timeout)):
+    for tenant in tenants:
+        if not protocol.NAME.match(tenant):
+            raise click.BadParameter(
+                f"{tenant!r} is not a tenant id (1 to 64 of A-Z a-z 0-9 _ . -)",
+                param_hint="--tenant",
+            )
+    try:
+        online = asyncio.run(wait_for_gateway(host, port, prefix, timeout))
+    except OSError as exc:
+        click.echo(
+            f"irm-tool: no MQTT broker on {host}:{port} ({exc.strerror or exc}); "
+            "start one, or give --host/--port (IRM_BROKER_HOST/IRM_BROKER_PORT)",
+            err=True,
+        )
+        sys.exit(1)
+    if not online:
         click.echo(f"irm-tool: no gateway online on {host}:{port}", err=True)
         sys.exit(1)
     if mode != "table":
