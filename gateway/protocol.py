@@ -19,6 +19,7 @@ prose version of this module, for firmware engineers.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Literal
@@ -146,14 +147,20 @@ def split_topic(prefix: str, name: str) -> tuple[str, str, str] | None:
     return tenant, router, rest
 
 
+def whole_seconds(seconds: float) -> int:
+    """A lease as told to a router: rounded up, never less than it has."""
+    return math.ceil(seconds)
+
+
 def decision(
     verdict: Verdict,
     cause: Cause,
     at: datetime,
-    lease_seconds: int | None,
+    lease_seconds: float | None,
     ref: str | None = None,
 ) -> Decision:
-    """The wire form of a verdict."""
+    """The wire form of a verdict; ``lease_seconds`` is rounded up."""
+    lease = None if lease_seconds is None else whole_seconds(lease_seconds)
     return Decision(
         tenant=verdict.tenant,
         router=verdict.router,
@@ -163,7 +170,7 @@ def decision(
         reason=verdict.reason,
         tier=verdict.tier,
         position=verdict.position,
-        lease_seconds=lease_seconds if verdict.accepted or verdict.position else None,
+        lease_seconds=lease if verdict.accepted or verdict.position else None,
         cause=cause,
         ref=ref,
         at=to_text(at) or "",
@@ -177,8 +184,13 @@ def refusal(
     at: datetime,
     ref: str | None = None,
     detail: str | None = None,
+    cause: Cause = Cause.HELLO,
 ) -> Decision:
-    """A reject for a hello that never reached the line (bad input, no tenant)."""
+    """A reject that never reached the line: ``session`` null, ``epoch`` 0.
+
+    Bad hellos and unknown tenants are refused with cause ``hello``; a
+    heartbeat of a session that holds no place, with cause ``lease``.
+    """
     return Decision(
         tenant=tenant,
         router=router,
@@ -187,7 +199,7 @@ def refusal(
         decision="reject",
         reason=reason,
         tier=None,
-        cause=Cause.HELLO,
+        cause=cause,
         ref=ref,
         detail=detail,
         at=to_text(at) or "",

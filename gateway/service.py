@@ -402,6 +402,7 @@ class Gateway:
                 reply = protocol.refusal(
                     tenant, router, Reason.SESSION_UNKNOWN, now, None,
                     "no current session by that name: say hello again",
+                    cause=Cause.LEASE,
                 )  # fmt: skip
                 self._reply(batch, item, reply)
         else:
@@ -455,7 +456,7 @@ class Gateway:
     def _decision(
         self, verdict: Verdict, cause: Cause, now: datetime, ref: str | None = None
     ) -> protocol.Decision:
-        lease = int(self.settings.lease_seconds)
+        lease = self.settings.lease_seconds
         return protocol.decision(verdict, cause, now, lease, ref)
 
     def _reply(self, batch: _Batch, item: _Item, reply: protocol.Decision) -> None:

@@ -66,7 +66,6 @@ class Reason(StrEnum):
     MALFORMED_HELLO = "malformed_hello"
     TOPIC_MISMATCH = "topic_mismatch"
     SESSION_UNKNOWN = "session_unknown"
-    RATE_LIMITED = "rate_limited"
 
 
 class Cause(StrEnum):

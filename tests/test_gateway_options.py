@@ -1,0 +1,194 @@
+"""irm-gateway's options in process, and the wire fields the review fixed.
+
+Bad settings stop the gateway before it opens the store or the broker, so
+none of these tests needs either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+from click.testing import CliRunner, Result
+
+from gateway import protocol
+from gateway.__main__ import cli
+from gateway.config import Settings
+from gateway.mqtt import Inbound
+from gateway.service import Gateway, _Batch, _Item
+from policy.admission import Cause, Reason, Verdict
+from policy.licenses import Tier
+from policy.store import Store
+
+NOW = datetime(2026, 12, 3, 16, 38, 39, 412_000, tzinfo=UTC)
+OPTIONS = (
+    "broker_host", "broker_port", "broker_username", "broker_password",
+    "database", "prefix", "gateway_id", "lease_seconds", "grace_seconds",
+    "log_format", "log_level", "uvloop",
+)  # fmt: skip
+# The tests must not pick up a setting from the shell.
+CLEAN_ENV: dict[str, str | None] = {f"IRM_{name.upper()}": None for name in OPTIONS}
+
+
+def gateway(*args: str, **env: str) -> Result:
+    runner = CliRunner(env={**CLEAN_ENV, **env})
+    return runner.invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "rule"),
+    [
+        ("--lease-seconds", "inf", "a finite number from 1 to 86400"),
+        ("--lease-seconds", "nan", "a finite number from 1 to 86400"),
+        ("--lease-seconds", "0", "a finite number from 1 to 86400"),
+        ("--lease-seconds", "1e300", "a finite number from 1 to 86400"),
+        ("--grace-seconds", "inf", "a finite number from 0 to 3600"),
+        ("--grace-seconds", "-1", "a finite number from 0 to 3600"),
+        ("--grace-seconds", "3601", "a finite number from 0 to 3600"),
+        ("--broker-port", "0", "a whole number from 1 to 65535"),
+        ("--broker-port", "65536", "a whole number from 1 to 65535"),
+        ("--broker-port", "http", "a whole number from 1 to 65535"),
+    ],
+)
+def test_a_bad_number_exits_2_naming_option_variable_value_and_rule(
+    option: str, value: str, rule: str
+) -> None:
+    result = gateway(option, value)
+
+    variable = "IRM_" + option.removeprefix("--").replace("-", "_").upper()
+    assert result.exit_code == 2
+    assert (
+        result.stderr
+        == f"irm-gateway: {option} ({variable}) = {value}: must be {rule}\n"
+    )
+
+
+@pytest.mark.parametrize("prefix", ["", "/irm/v1", "irm/v1/", "irm/+/v1", "irm/#", "/"])
+def test_a_bad_prefix_exits_2_naming_option_variable_and_value(prefix: str) -> None:
+    result = gateway("--prefix", prefix)
+
+    assert result.exit_code == 2
+    shown = prefix or "''"
+    assert result.stderr.startswith(f"irm-gateway: --prefix (IRM_PREFIX) = {shown}:")
+    assert "without + or #, not starting or ending with /" in result.stderr
+
+
+def test_a_bad_value_from_the_environment_gets_the_same_message() -> None:
+    result = gateway(IRM_LEASE_SECONDS="0.5")
+
+    assert result.exit_code == 2
+    assert "--lease-seconds (IRM_LEASE_SECONDS) = 0.5: must be" in result.stderr
+
+
+def test_every_bad_setting_is_reported_at_once() -> None:
+    result = gateway("--broker-port", "0", "--grace-seconds", "nan")
+
+    assert result.exit_code == 2
+    assert len(result.stderr.splitlines()) == 2
+
+
+def test_help_lists_the_environment_variable_of_every_option() -> None:
+    result = gateway("--help")
+
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for name in OPTIONS:
+        assert f"IRM_{name.upper()}" in text
+    assert "--prefix" in text
+    assert "default: irm/v1" in text
+
+
+def test_prefix_and_numbers_reach_the_settings_as_typed() -> None:
+    typed = {"prefix": "site-7/irm", "lease_seconds": "1.5", "broker_port": "1883"}
+    settings = Settings.model_validate(typed)
+
+    assert (settings.prefix, settings.lease_seconds, settings.broker_port) == (
+        "site-7/irm",
+        1.5,
+        1883,
+    )
+
+
+def verdict(*, accepted: bool = True, position: int | None = None) -> Verdict:
+    reason = Reason.LICENSED if accepted else Reason.CAPACITY_EXCEEDED
+    return Verdict(
+        "acme", "R09", "9f3a1c22b7e0", 3, accepted, reason, Tier.FULL, position
+    )
+
+
+@pytest.mark.parametrize(
+    ("configured", "told"), [(90.0, 90), (1.5, 2), (0.5, 1), (90.000001, 91)]
+)
+def test_a_decision_rounds_the_lease_up_to_whole_seconds(
+    configured: float, told: int
+) -> None:
+    reply = protocol.decision(verdict(), Cause.HELLO, NOW, configured)
+
+    assert reply.lease_seconds == told
+
+
+def test_a_waiting_router_is_told_its_lease_and_a_refused_one_is_not() -> None:
+    waiting = protocol.decision(
+        verdict(accepted=False, position=2), Cause.HELLO, NOW, 1.5
+    )
+    without_place = protocol.decision(verdict(accepted=False), Cause.HELLO, NOW, 1.5)
+
+    assert waiting.lease_seconds == 2
+    assert without_place.lease_seconds is None
+
+
+def test_a_refusal_has_cause_hello_unless_told_otherwise() -> None:
+    bad = protocol.refusal("acme", "R09", Reason.MALFORMED_HELLO, NOW, "a1", "v: ...")
+    stale = protocol.refusal(
+        "acme", "R09", Reason.SESSION_UNKNOWN, NOW, cause=Cause.LEASE
+    )
+
+    assert (bad.cause, bad.session, bad.epoch, bad.ref) == (Cause.HELLO, None, 0, "a1")
+    assert (stale.cause, stale.session, stale.epoch) == (Cause.LEASE, None, 0)
+
+
+class Decider:
+    """The gateway's decider on one message, with no store or broker behind it.
+
+    ``_decide_one`` only decides and queues the reply in the batch; storing
+    and publishing happen later in ``_decide``, which these tests skip.
+    """
+
+    def __init__(self, lease_seconds: float = 90.0) -> None:
+        settings = Settings(lease_seconds=lease_seconds)
+        self.gateway = Gateway(settings, cast(Store, None), clock=lambda: NOW)
+        self.gateway.admission.load_tenant("acme", [], {}, NOW)
+
+    def reply_to(self, kind: str, message: Any) -> dict[str, Any]:
+        topic = protocol.topic(protocol.PREFIX, "acme", "R09", kind)
+        inbound = Inbound(topic, message.model_dump_json().encode())
+        done = asyncio.get_running_loop().create_future()
+        batch = _Batch()
+        item = _Item(kind, "acme", "R09", message, inbound, done)
+        self.gateway._decide_one(item, NOW, batch)
+        [(reply_topic, payload, _)] = batch.replies
+        assert reply_topic == protocol.topic(protocol.PREFIX, "acme", "R09", "reply")
+        return cast(dict[str, Any], json.loads(payload))
+
+
+async def test_a_heartbeat_of_a_session_with_no_place_gets_cause_lease() -> None:
+    decider = Decider()
+
+    reply = decider.reply_to("heartbeat", protocol.Heartbeat(v=1, session="gone"))
+
+    assert reply["reason"] == "session_unknown"
+    assert reply["cause"] == "lease"
+    assert (reply["session"], reply["epoch"], reply["ref"]) == (None, 0, None)
+
+
+async def test_the_gateway_tells_a_router_its_lease_rounded_up() -> None:
+    decider = Decider(lease_seconds=1.5)
+
+    reply = decider.reply_to("hello", protocol.Hello(v=1, session="s1", ref="a1"))
+
+    assert reply["reason"] == "no_valid_license"
+    assert reply["position"] == 1
+    assert reply["lease_seconds"] == 2
