@@ -115,11 +115,15 @@ def paid_since(licenses: Iterable[License]) -> datetime | None:
 
 
 def invalidated_at(lic: License, paid_from: datetime | None) -> datetime | None:
-    """When a Cloud Free license loses its validity to a paid one."""
-    expires = lic.expires_at
-    if lic.kind.paid or paid_from is None or expires is None:
+    """When a Cloud Free license loses its validity to a paid one.
+
+    Every free license of the tenant does, whether active, scheduled or
+    still in stock, unless it had expired or left stock before.
+    """
+    if lic.kind.paid or paid_from is None:
         return None
-    if paid_from >= expires:
+    end = lic.expires_at if lic.expires_at is not None else lic.stock_limit
+    if paid_from >= end:
         return None
     # A free license still scheduled when the paid one starts is invalid
     # from that moment too, not from its own start (the diagram above).
@@ -128,11 +132,11 @@ def invalidated_at(lic: License, paid_from: datetime | None) -> datetime | None:
 
 def state_at(lic: License, now: datetime, paid_from: datetime | None) -> State:
     """The state of ``lic`` at ``now``; ``paid_from`` is :func:`paid_since`."""
-    if lic.activation_at is None:
-        return State.NON_REDEEMABLE if now >= lic.stock_limit else State.AVAILABLE
     invalid = invalidated_at(lic, paid_from)
     if invalid is not None and now >= invalid:
         return State.INVALIDATED
+    if lic.activation_at is None:
+        return State.NON_REDEEMABLE if now >= lic.stock_limit else State.AVAILABLE
     if now < lic.activation_at:
         return State.SCHEDULED
     assert lic.expires_at is not None
@@ -189,15 +193,15 @@ def next_change_after(licenses: Iterable[License], now: datetime) -> datetime | 
     paid_from = paid_since(licenses)
     candidates: list[datetime] = []
     for lic in licenses:
+        invalid = invalidated_at(lic, paid_from)
+        if invalid is not None:
+            candidates.append(invalid)
         if lic.activation_at is None:
             candidates.append(lic.stock_limit)
             continue
         candidates.append(lic.activation_at)
         assert lic.expires_at is not None
         candidates.append(lic.expires_at)
-        invalid = invalidated_at(lic, paid_from)
-        if invalid is not None:
-            candidates.append(invalid)
     return min((c for c in candidates if c > now), default=None)
 
 
@@ -222,7 +226,14 @@ def activate(
     license valid at the same time.
     """
     others = [o for o in tenant_licenses if o.id != lic.id]
-    state = state_at(lic, now, paid_since(tenant_licenses))
+    paid_from = paid_since(tenant_licenses)
+    state = state_at(lic, now, paid_from)
+    if state is State.INVALIDATED and lic.kind is Kind.FREE:
+        raise RuleViolation(
+            f"Cloud Free license {lic.id} is invalid for good: a paid license is "
+            f"active in this tenant from {to_text(paid_from)}, and Cloud Free is "
+            "never combined with paid licenses"
+        )
     if state is not State.AVAILABLE:
         raise RuleViolation(
             f"license {lic.id} is {state}; only available licenses can be activated"
@@ -284,12 +295,12 @@ def transitions(
     looked (scheduled, then active, then expired) yields each step.
     """
     instants = [lic.stock_limit]
+    invalid = invalidated_at(lic, paid_from)
+    if invalid is not None:
+        instants.append(invalid)
     if lic.activation_at is not None:
         assert lic.expires_at is not None
         instants += [lic.activation_at, lic.expires_at]
-        invalid = invalidated_at(lic, paid_from)
-        if invalid is not None:
-            instants.append(invalid)
     steps: list[tuple[State, State, datetime]] = []
     current = known
     for instant in sorted(i for i in instants if i <= now):

@@ -432,6 +432,20 @@ def test_license_loaded_while_running_admits_the_first_waiting_router() -> None:
     assert world.told("R10").position == 1
 
 
+def test_license_loaded_while_running_takes_effect_before_a_later_change() -> None:
+    later = licenses(1, T0 + timedelta(minutes=5), prefix="S")
+    world = World.of(ACTIVE_8 + later)
+    world.hello_all()
+
+    world.gate.load_tenant(T8, ACTIVE_8 + later + STARTING_2, {}, world.now)
+    events = world.advance(SOON)
+
+    assert seat_news(events) == [
+        ("R09", True, Reason.LICENSED, None, Cause.CAPACITY),
+        ("R10", True, Reason.LICENSED, None, Cause.CAPACITY),
+    ]
+
+
 FREE_5 = licenses(1, datetime(2025, 5, 1, tzinfo=UTC), kind=Kind.FREE, capacity=5)
 
 

@@ -348,7 +348,11 @@ def test_a_paid_activation_warns_and_invalidates_the_cloud_free_license(
     assert "Cloud Free license F1 becomes invalid for good" in later.stdout
     assert "2025-09-01 00:00 CEST" in later.stdout
     assert (free["state"], free["invalidated_at"]) == ("active", "2025-08-31T22:00:00Z")
-    assert now["invalidates"] == [{"license": "F1", "at": NOW}]
+    # The unused F2 ends too: every Cloud Free license of the tenant does.
+    assert now["invalidates"] == [
+        {"license": "F1", "at": NOW},
+        {"license": "F2", "at": NOW},
+    ]
     assert tool.licenses()["F1"]["state"] == "invalidated"
     refused = tool.fails("activate", "--tenant", "acme", "F2", "--at", "2026-07-01")
     assert "never combined with paid licenses" in refused.stderr
@@ -594,16 +598,16 @@ def test_tenant_show_and_licenses_fit_100_columns_with_every_id_whole(
 def test_licenses_shows_the_stock_limit_only_as_an_available_license_deadline(
     tool: Tool,
 ) -> None:
-    tool.add("acme", code("L1"), code("L2", Kind.FREE))
+    tool.add("acme", code("L1"), code("L2", Kind.BASIC_25))
     tool.ok("activate", "--tenant", "acme", "L1")
 
     lines = tool.screen("licenses", "--tenant", "acme")
 
     assert lines[2:] == [
         "available (1)",
-        "  L2           Free 1000  by 2027-01-10 01:00  -",
+        "  L2           Basic 25  by 2027-01-10 01:00  -",
         "active (1)",
-        "  L1           Basic 1    2025-06-01 12:00     2026-06-01 12:00",
+        "  L1           Basic 1   2025-06-01 12:00     2026-06-01 12:00",
         "2 license(s), times in Europe/Berlin",
     ]
 

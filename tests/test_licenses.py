@@ -669,3 +669,21 @@ def test_transitions_list_every_step_in_order(
     (subject,) = [x for x in licenses if x.id == lid]
 
     assert transitions(subject, known, now, paid_since(licenses)) == expected
+
+
+def test_an_unused_cloud_free_license_is_invalidated_when_a_paid_one_starts() -> None:
+    """Every free license of the tenant ends, not only the active one."""
+    issued = datetime(2026, 1, 1, tzinfo=UTC)
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    free = License("F", "T", Kind.FREE, 1000, 12, issued, issued)
+    paid = License("P", "T", Kind.BASIC_1, 1, 12, issued, issued, start)
+    paid_from = paid_since([free, paid])
+    before = start - timedelta(microseconds=1)
+    assert state_at(free, before, paid_from) is State.AVAILABLE
+    assert state_at(free, start, paid_from) is State.INVALIDATED
+    assert next_change_after([free, paid], before) == start
+    assert transitions(free, State.AVAILABLE, start, paid_from) == [
+        (State.AVAILABLE, State.INVALIDATED, start)
+    ]
+    with pytest.raises(RuleViolation, match="invalid for good"):
+        activate(free, start, start, [free, paid])

@@ -77,9 +77,12 @@ class Summary:
     elapsed: float = 0.0
     storm_seconds: float | None = None
     storm_same_online: bool | None = None
+    skipped: int = 0
+    """Hellos of an offered rate not sent: every router still waited."""
 
     def merge(self, other: Summary) -> None:
         self.sent += other.sent
+        self.skipped += other.skipped
         self.answered += other.answered
         self.decisions.update(other.decisions)
         self.latencies += other.latencies
@@ -107,6 +110,7 @@ class Summary:
 
         return {
             "sent": self.sent,
+            "skipped": self.skipped,
             "answered": self.answered,
             "unanswered": len(self.unanswered),
             "decisions": dict(self.decisions),
@@ -217,9 +221,17 @@ class _Worker:
         index = 0
         while (now := time.monotonic()) < end:
             due = int((now - start) / gap)
+            looked = 0
             while count < due:
+                if looked == len(self.routers):
+                    # Every router still waits for its answer: the offered
+                    # rate is beyond what comes back; skip, and say so.
+                    self.summary.skipped += due - count
+                    count = due
+                    break
                 router = self.routers[index % len(self.routers)]
                 index += 1
+                looked += 1
                 if f"{router.tenant}/{router.router}" in self._pending:
                     continue
                 router.new_session()
