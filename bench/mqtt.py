@@ -178,6 +178,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
             port, tenants, routers, rates, duration, processes
         )
         print(f"gateway: reconnect storm of {storm_routers} routers")
+        before_storm = rss_kib(gateway.process.pid)
         storm = load(
             port, tenants=tenants, routers=storm_routers, mode="storm",
             processes=4, connect_rate=4000.0, timeout=120.0, name_prefix="S",
@@ -185,13 +186,15 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         figures["storm"] = storm.report()
         print(f"  decided in {figures['storm']['storm_s']} s, same online: "
               f"{figures['storm']['storm_same_online']}")  # fmt: skip
-        in_line_rss = rss_kib(gateway.process.pid)
+        after_storm = rss_kib(gateway.process.pid)
+        figures["storm_routers"] = storm_routers
         figures["memory"] = {
             "idle_kib": idle_rss,
-            "after_storm_kib": in_line_rss,
-            "routers_in_line": storm_routers + routers,
+            "before_storm_kib": before_storm,
+            "after_storm_kib": after_storm,
+            "routers": storm_routers,
             "bytes_per_router": round(
-                (in_line_rss - idle_rss) * 1024 / (storm_routers + routers), 1
+                (after_storm - before_storm) * 1024 / storm_routers, 1
             ),
         }
         gateway.stop()
