@@ -78,7 +78,7 @@ def test_a_router_that_never_answered_shows_no_reply() -> None:
 
 def test_the_summary_counts_final_states_and_the_routers_that_changed() -> None:
     assert _summary_line(held_fleet()) == (
-        "2 online, 0 waiting, 0 offline, 1 unanswered; 1 changed during the hold"
+        "2 online, 0 offline, 1 unanswered; 1 changed during the hold"
     )
 
 
@@ -100,7 +100,7 @@ def test_a_move_up_the_line_is_not_a_change_but_a_lost_seat_is() -> None:
     assert "→" not in shown["R02"]
     assert shown["R01"].endswith("→ reject, capacity_exceeded (capacity)")
     assert _summary_line(report) == (
-        "0 online, 2 waiting, 0 offline; 1 changed during the hold"
+        "0 online, 2 offline (2 waiting in line); 1 changed during the hold"
     )
 
 
@@ -124,7 +124,7 @@ def test_without_a_hold_there_is_no_hold_column_and_no_hold_count() -> None:
     Console(file=out, width=120).print(_table(report, "acme"))
 
     assert "during hold" not in out.getvalue()
-    assert _summary_line(report) == "1 online, 0 waiting, 1 offline"
+    assert _summary_line(report) == "1 online, 1 offline"
 
 
 def test_the_json_summary_still_reports_the_final_decisions() -> None:

@@ -223,8 +223,10 @@ def _summary_line(report: FleetReport) -> str:
     final = report.final().values()
     online = sum(d.decision == "accept" for d in final)
     waiting = sum(d.decision == "reject" and d.position is not None for d in final)
-    offline = len(final) - online - waiting
-    line = f"{online} online, {waiting} waiting, {offline} offline"
+    offline = len(final) - online
+    line = f"{online} online, {offline} offline"
+    if waiting:
+        line += f" ({waiting} waiting in line)"
     if report.unanswered:
         line += f", {len(report.unanswered)} unanswered"
     if report.held or report.updates:
