@@ -62,3 +62,18 @@ async def seed_tenant(
         return active
     finally:
         await store.close()
+
+
+async def add_available(
+    database: Path, tenant: str, count: int = 1, kind: Kind = Kind.BASIC_1
+) -> list[License]:
+    """Licenses imported into ``tenant`` and not activated."""
+    now = datetime.now(UTC)
+    items = [mint(kind, now - timedelta(days=10)) for _ in range(count)]
+    items = [(replace(lic, tenant=tenant), code) for lic, code in items]
+    store = await SqliteStore.open(database)
+    try:
+        await store.add_licenses(tenant, items, now, "test")
+    finally:
+        await store.close()
+    return [lic for lic, _ in items]

@@ -67,7 +67,11 @@ async def connect_all(
 
 
 async def paced_hellos(routers: list[SimRouter], every: float) -> None:
-    """Hellos one by one, ``every`` seconds apart, as a fleet coming online."""
+    """Hellos one by one, ``every`` seconds apart, as a fleet coming online.
+
+    The sleep paces a sender (so that a fault lands mid-stream); it waits
+    for nothing.
+    """
     for router in routers:
         router.hello()
         await asyncio.sleep(every)

@@ -18,7 +18,7 @@ from policy.licenses import Kind, State
 from policy.sqlite_store import SqliteStore
 from policy.timeutil import add_months, from_text, to_text
 from tests.conftest import GatewayProcess, tool, tool_json
-from tests.seeding import mint, seed_tenant
+from tests.seeding import add_available, mint, seed_tenant
 from tools.broker import Broker
 from tools.fleet import run_fleet
 from tools.router import SimRouter
@@ -93,14 +93,7 @@ async def test_scheduled_activation_admits_waiting_routers_at_its_instant(
 ) -> None:
     db = tmp_path / "irm.db"
     await seed_tenant(db, "T", basic1=2)
-    store = await SqliteStore.open(db)
-    spare = [
-        mint(Kind.BASIC_1, datetime.now(UTC) - timedelta(days=10)) for _ in range(2)
-    ]
-    await store.add_licenses(
-        "T", [(replace(lic, tenant="T"), c) for lic, c in spare], datetime.now(UTC), "t"
-    )
-    await store.close()
+    spare = await add_available(db, "T", 2)
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
     routers = [SimRouter("127.0.0.1", broker.port, "T", f"R{i}") for i in range(1, 5)]
@@ -109,16 +102,8 @@ async def test_scheduled_activation_admits_waiting_routers_at_its_instant(
         await router.ask()
 
     at = datetime.now(UTC) + timedelta(seconds=3)
-    ok(
-        db,
-        "activate",
-        "--tenant",
-        "T",
-        spare[0][0].id,
-        spare[1][0].id,
-        "--at",
-        instant(at),
-    )
+    ids = [lic.id for lic in spare]
+    ok(db, "activate", "--tenant", "T", *ids, "--at", instant(at))
     admitted = [await r.next_decision(15) for r in routers[2:]]
 
     assert [(d.decision, d.cause) for d in admitted] == [("accept", "capacity")] * 2
@@ -193,12 +178,7 @@ async def test_activation_by_the_tool_takes_effect_within_a_second(
 ) -> None:
     db = tmp_path / "irm.db"
     await seed_tenant(db, "T", basic1=1)
-    store = await SqliteStore.open(db)
-    spare, code = mint(Kind.BASIC_1, datetime.now(UTC) - timedelta(days=10))
-    await store.add_licenses(
-        "T", [(replace(spare, tenant="T"), code)], datetime.now(UTC), "t"
-    )
-    await store.close()
+    (spare,) = await add_available(db, "T")
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
     first = SimRouter("127.0.0.1", broker.port, "T", "R1")
@@ -228,12 +208,7 @@ async def test_ten_hellos_in_one_millisecond_during_an_activation_seat_exactly_e
     """F06: never nine; the two rejected are the two that arrived last."""
     db = tmp_path / "irm.db"
     await seed_tenant(db, "T8", basic1=8)
-    store = await SqliteStore.open(db)
-    later, code = mint(Kind.BASIC_1, datetime.now(UTC) - timedelta(days=10))
-    await store.add_licenses(
-        "T8", [(replace(later, tenant="T8"), code)], datetime.now(UTC), "t"
-    )
-    await store.close()
+    (later,) = await add_available(db, "T8")
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
     routers = [
