@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ from policy.timeutil import to_text
 log = structlog.get_logger("gateway")
 
 Clock = Callable[[], datetime]
+
+MAX_REF = 128
+"""A hello's ``ref`` is at most this long (gateway/protocol.py)."""
 
 SHUTDOWN_GRACE = 5.0
 """Seconds a stopping gateway waits for an absent broker before it leaves."""
@@ -557,12 +561,20 @@ def _ref(message: Hello | Heartbeat | Goodbye) -> str | None:
 
 
 def _ref_of(payload: bytes) -> str | None:
-    """The ``ref`` of a hello that failed validation, if one can be read."""
-    try:
-        loaded = Hello.model_validate_json(payload, strict=False)
-    except ValidationError:
+    """The ``ref`` of a hello that failed validation, if one can be read.
+
+    A router that sent a wrong hello needs its ``ref`` back most of all, to
+    tell which of its hellos was refused; any JSON object with a short
+    string ``ref`` gives it.
+    """
+    if len(payload) > protocol.MAX_PAYLOAD:
         return None
-    return loaded.ref
+    try:
+        loaded = json.loads(payload)
+    except ValueError:
+        return None
+    ref = loaded.get("ref") if isinstance(loaded, dict) else None
+    return ref if isinstance(ref, str) and len(ref) <= MAX_REF else None
 
 
 def _fields(event: Event) -> dict[str, object]:

@@ -189,7 +189,7 @@ async def test_malformed_hello_is_answered_with_a_reason_naming_the_problem(
     router = SimRouter("127.0.0.1", broker.port, "T8", "R01")
     await router.connect()
     cases = [
-        (b'{"v": 1}', "malformed_hello", "session"),
+        (b'{"v": 1, "ref": "r7"}', "malformed_hello", "session"),
         (b"not json", "malformed_hello", "json"),
         (b'{"v": 1, "session": "s", "tenant": "T9"}', "topic_mismatch", "differs"),
     ]
@@ -198,6 +198,7 @@ async def test_malformed_hello_is_answered_with_a_reason_naming_the_problem(
         decision = await router.next_decision()
         assert (decision.decision, decision.reason) == ("reject", reason)
         assert words in (decision.detail or "").lower()
+        assert decision.ref == ("r7" if b'"r7"' in payload else None)
     stranger = SimRouter("127.0.0.1", broker.port, "NOPE", "R01")
     await stranger.connect()
     decision, _ = await stranger.ask()
