@@ -124,6 +124,27 @@ def sweep(port: int, tenants: tuple[str, ...], routers: int, rates: list[int],
     return rows
 
 
+def leg(
+    name: str,
+    port: int,
+    tenants: tuple[str, ...],
+    routers: int,
+    rates: list[int],
+    duration: float,
+    processes: int,
+) -> dict[str, Any]:
+    """One service's throughput (closed loop) and latency at offered rates."""
+    print(f"{name}: closed loop")
+    closed = load(
+        port, tenants=tenants, routers=routers, mode="closed",
+        duration=duration, processes=processes,
+    ).report()  # fmt: skip
+    print(f"  {closed['round_trips_per_s']} round trips/s")
+    print(f"{name}: latency at offered rates")
+    swept = sweep(port, tenants, routers, rates, duration, processes)
+    return {f"{name}_closed": closed, f"{name}_rates": swept}
+
+
 def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     """Measure echo and gateway; write ``mqtt.json`` and ``mqtt.png``."""
     work = Path(tempfile.mkdtemp(prefix="irm-bench-"))
@@ -142,16 +163,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
             [sys.executable, "-m", "bench.echo", str(port)], work / "echo.log"
         )
         echo.start(port)
-        print("echo: closed loop")
-        figures["echo_closed"] = load(
-            port, tenants=tenants, routers=routers, mode="closed",
-            duration=duration, processes=processes,
-        ).report()  # fmt: skip
-        print(f"  {figures['echo_closed']['round_trips_per_s']} round trips/s")
-        print("echo: latency at offered rates")
-        figures["echo_rates"] = sweep(
-            port, tenants, routers, rates, duration, processes
-        )
+        figures.update(leg("echo", port, tenants, routers, rates, duration, processes))
         echo.stop()
 
         database = work / "irm.db"
@@ -167,15 +179,8 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         gateway.start(port)
         assert gateway.process is not None
         idle_rss = rss_kib(gateway.process.pid)
-        print("gateway: closed loop")
-        figures["gateway_closed"] = load(
-            port, tenants=tenants, routers=routers, mode="closed",
-            duration=duration, processes=processes,
-        ).report()  # fmt: skip
-        print(f"  {figures['gateway_closed']['round_trips_per_s']} round trips/s")
-        print("gateway: latency at offered rates")
-        figures["gateway_rates"] = sweep(
-            port, tenants, routers, rates, duration, processes
+        figures.update(
+            leg("gateway", port, tenants, routers, rates, duration, processes)
         )
         print(f"gateway: reconnect storm of {storm_routers} routers")
         before_storm = rss_kib(gateway.process.pid)

@@ -57,7 +57,6 @@ class Settings(BaseModel):
     receive_maximum: int = Field(2000, ge=1, le=65535)
     publish_window: int = Field(2000, ge=1, le=65000)
     poll_seconds: float = Field(0.25, gt=0, le=1.0)
-    vendor_public_key: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -38,7 +38,6 @@ class Inbound:
     payload: bytes
     response_topic: str | None = None
     correlation: bytes | None = None
-    duplicate: bool = False
 
 
 Handler = Callable[[Inbound], Awaitable[None]]
@@ -144,14 +143,6 @@ class Mqtt:
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
-        self.reconnects = 0
-
-    @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
-    async def wait_connected(self) -> None:
-        await self._connected.wait()
 
     async def __aenter__(self) -> Mqtt:
         """Connect, retrying with backoff until connected or :meth:`give_up`."""
@@ -246,7 +237,6 @@ class Mqtt:
             payload,
             response[0] if response else None,
             correlation[0] if correlation else None,
-            bool(properties.get("dup")),
         )
         await self._handler(message)
         return 0
@@ -254,8 +244,6 @@ class Mqtt:
     def _on_connect(
         self, client: gmqtt.Client, flags: int, rc: int, properties: Any
     ) -> None:
-        if self._client.attempts or self.reconnects:
-            self.reconnects += 1
         self._client.attempts = 0
         # The broker's Receive Maximum (CONNACK) bounds our unacknowledged
         # QoS 1 publishes; gmqtt raises OverflowError one below it. The

@@ -39,7 +39,6 @@ from policy.admission import (
     Event,
     Joined,
     Left,
-    Outcome,
     Reason,
     SeatChanged,
     Verdict,
@@ -582,6 +581,3 @@ def _fields(event: Event) -> dict[str, object]:
     return {
         k: to_text(v) if isinstance(v, datetime) else str(v) for k, v in fields.items()
     }
-
-
-__all__ = ["Gateway", "Outcome", "system_clock"]

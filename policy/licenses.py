@@ -143,32 +143,12 @@ def state_at(lic: License, now: datetime, paid_from: datetime | None) -> State:
     return State.ACTIVE if now < lic.expires_at else State.EXPIRED
 
 
-def state_since(lic: License, state: State, paid_from: datetime | None) -> datetime:
-    """The instant at which ``lic`` entered ``state`` (for the audit log)."""
-    if state is State.NON_REDEEMABLE:
-        return lic.stock_limit
-    if state is State.INVALIDATED:
-        moment = invalidated_at(lic, paid_from)
-    elif state is State.ACTIVE:
-        moment = lic.activation_at
-    elif state is State.EXPIRED:
-        moment = lic.expires_at
-    else:
-        moment = lic.imported_at
-    assert moment is not None
-    return moment
-
-
 @dataclass(frozen=True, slots=True)
 class Capacity:
     """What a tenant's licenses give at one instant."""
 
     seats: int
     tier: Tier | None
-
-    @property
-    def valid(self) -> bool:
-        return self.seats > 0
 
 
 NO_CAPACITY = Capacity(0, None)

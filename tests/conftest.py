@@ -22,6 +22,7 @@ import gmqtt
 import pytest
 
 from gateway import protocol
+from tests.seeding import seed_tenant
 from tools.broker import Broker
 
 BIN = Path(sys.executable).parent
@@ -165,6 +166,21 @@ async def wait_gateway_online(
                     continue
     finally:
         await client.disconnect()
+
+
+async def started_gateway(
+    broker: Broker,
+    tmp_path: Path,
+    tenant: str = "T8",
+    options: dict[str, Any] | None = None,
+    **seats: int,
+) -> tuple[Path, GatewayProcess]:
+    """A tenant with ``seats`` (default 8 Cloud Basic 1) and a gateway, online."""
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, tenant, **(seats or {"basic1": 8}))
+    gateway = GatewayProcess(broker, database, tmp_path / "gw.log", **(options or {}))
+    await gateway.start()
+    return database, gateway
 
 
 @pytest.fixture

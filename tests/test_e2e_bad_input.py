@@ -18,8 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import GatewayProcess
-from tests.seeding import seed_tenant
+from tests.conftest import started_gateway
 from tools.broker import Broker
 from tools.router import SimRouter
 
@@ -131,10 +130,7 @@ def snapshot(database: Path) -> dict[str, list[Any]]:
 async def test_thousands_of_bad_messages_change_nothing_and_a_good_hello_still_works(
     broker: Broker, tmp_path: Path
 ) -> None:
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    database, gateway = await started_gateway(broker, tmp_path)
     seated = SimRouter("127.0.0.1", broker.port, "T8", "R00")
     await seated.connect()
     await seated.ask()
@@ -182,10 +178,7 @@ async def test_thousands_of_bad_messages_change_nothing_and_a_good_hello_still_w
 async def test_malformed_hello_is_answered_with_a_reason_naming_the_problem(
     broker: Broker, tmp_path: Path
 ) -> None:
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    _, gateway = await started_gateway(broker, tmp_path)
     router = SimRouter("127.0.0.1", broker.port, "T8", "R01")
     await router.connect()
     cases = [

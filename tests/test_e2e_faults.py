@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.protocol import Decision
-from tests.conftest import GatewayProcess, PresenceWatch, StatusWatch
+from tests.conftest import GatewayProcess, PresenceWatch, StatusWatch, started_gateway
 from tests.seeding import seed_tenant
 from tools.broker import Broker
 from tools.router import Heard, SimRouter
@@ -81,10 +81,7 @@ async def test_gateway_killed_mid_fleet_keeps_seats_and_answers_every_hello(
     broker: Broker, tmp_path: Path
 ) -> None:
     """SIGKILL while a fleet says hello; after a restart every hello is answered."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T", basic1=20)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    database, gateway = await started_gateway(broker, tmp_path, "T", basic1=20)
     tally = Tally()
     routers = await connect_all(broker.port, "T", 120, tally)
     sender = asyncio.create_task(paced_hellos(routers, 0.005))
@@ -114,12 +111,9 @@ async def test_broker_restart_keeps_every_router_in_its_place(
     broker: Broker, tmp_path: Path
 ) -> None:
     """Routers reconnect after a broker restart and keep seats and places."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(
-        broker, database, tmp_path / "gw.log", **{"grace-seconds": 30}
+    database, gateway = await started_gateway(
+        broker, tmp_path, options={"grace-seconds": 30}
     )
-    await gateway.start()
     routers = [
         SimRouter("127.0.0.1", broker.port, "T8", f"R{i:02d}") for i in range(1, 11)
     ]
@@ -156,10 +150,7 @@ async def test_burst_of_hellos_right_after_broker_restart_is_decided_in_order(
     broker: Broker, tmp_path: Path
 ) -> None:
     """Three hundred routers say hello the moment the broker is back."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T", basic25=4)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    database, gateway = await started_gateway(broker, tmp_path, "T", basic25=4)
     broker.restart()
     tally = Tally()
     routers = await connect_all(broker.port, "T", 300, tally)
@@ -185,10 +176,7 @@ async def test_sigterm_finishes_in_flight_hellos_and_exits_cleanly(
     broker: Broker, tmp_path: Path
 ) -> None:
     """SIGTERM during a burst: answered hellos are durable, the rest wait."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T", basic1=30)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    database, gateway = await started_gateway(broker, tmp_path, "T", basic1=30)
     tally = Tally()
     routers = await connect_all(broker.port, "T", 100, tally)
     sender = asyncio.create_task(paced_hellos(routers, 0.005))
@@ -217,10 +205,7 @@ async def test_sigterm_ends_the_gateway_even_when_the_broker_is_gone(
     broker: Broker, tmp_path: Path
 ) -> None:
     """Decisions are durable already; what cannot be published is redelivered."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T", basic1=2)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    _, gateway = await started_gateway(broker, tmp_path, "T", basic1=2)
     broker.stop()
     assert gateway.stop(timeout=20) == 0
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GatewayProcess, PresenceWatch, TopicWatch
-from tests.seeding import seed_tenant
+from tests.conftest import PresenceWatch, TopicWatch, started_gateway
 from tools.broker import Broker
 from tools.router import SimRouter
 
@@ -57,12 +56,9 @@ async def test_silent_router_loses_its_seat_when_its_lease_runs_out(
     broker: Broker, tmp_path: Path
 ) -> None:
     """F01: a clean disconnect sends no will; the lease frees the seat."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(
-        broker, database, tmp_path / "gw.log", **{"lease-seconds": 3}
+    database, gateway = await started_gateway(
+        broker, tmp_path, options={"lease-seconds": 3}
     )
-    await gateway.start()
     async with PresenceWatch(broker.port, "T8") as watch:
         routers = await seated_fleet(broker, NAMES[:9])
         await routers.pop("R01").disconnect()
@@ -88,10 +84,7 @@ async def test_reconnect_keeps_seat_when_old_will_arrives_before_new_hello(
     broker: Broker, tmp_path: Path
 ) -> None:
     """F02: the will of the dropped link comes first; seat and place are kept."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log", **GRACE)
-    await gateway.start()
+    database, gateway = await started_gateway(broker, tmp_path, options=GRACE)
     async with PresenceWatch(broker.port, "T8") as watch:
         routers = await seated_fleet(broker, NAMES)
         before = rows(database)["R03"]
@@ -121,10 +114,7 @@ async def test_takeover_with_same_client_id_keeps_one_seat_and_never_flips_offli
     the new session's hello; done three times in a row it is the takeover
     loop of two devices sharing one id, which the gateway reports.
     """
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log", **GRACE)
-    await gateway.start()
+    database, gateway = await started_gateway(broker, tmp_path, options=GRACE)
     async with PresenceWatch(broker.port, "T8") as watch:
         routers = await seated_fleet(broker, NAMES)
         arrival = rows(database)["R03"][0]
@@ -156,10 +146,7 @@ async def test_hellos_sent_while_gateway_is_down_are_answered_in_order(
     broker: Broker, tmp_path: Path
 ) -> None:
     """F04: R09 and R10 say hello while the gateway is stopped."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    database, gateway = await started_gateway(broker, tmp_path)
     routers = await seated_fleet(broker, NAMES[:8])
     assert gateway.stop() == 0
     late = {}
@@ -183,10 +170,7 @@ async def test_duplicate_and_redelivered_hellos_get_one_seat_and_the_same_answer
     broker: Broker, tmp_path: Path
 ) -> None:
     """F05: R05 says hello twice on purpose, and one hello arrives twice."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    database, gateway = await started_gateway(broker, tmp_path)
     routers = await seated_fleet(broker, NAMES[:4])
     r05 = SimRouter("127.0.0.1", broker.port, "T8", "R05")
     await r05.connect()
@@ -213,10 +197,7 @@ async def test_mqtt311_router_is_answered_on_its_fixed_reply_topic_with_its_ref(
     broker: Broker, tmp_path: Path
 ) -> None:
     """No Response Topic or Correlation Data in 3.1.1: the ``ref`` matches."""
-    database = tmp_path / "irm.db"
-    await seed_tenant(database, "T8", basic1=8)
-    gateway = GatewayProcess(broker, database, tmp_path / "gw.log")
-    await gateway.start()
+    _, gateway = await started_gateway(broker, tmp_path)
     old = SimRouter("127.0.0.1", broker.port, "T8", "R01", mqtt5=False)
     await old.connect()
     decision, _ = await old.ask()

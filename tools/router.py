@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import Callable
@@ -172,9 +171,3 @@ class SimRouter:
         # gmqtt has no public "abort": reach the asyncio transport under it,
         # which is what a lost network looks like to the broker.
         client._connection._transport.abort()
-
-
-def decision_row(decision: Decision) -> dict[str, object]:
-    """A decision as a flat dict for tables and ``--json``."""
-    row: dict[str, object] = json.loads(decision.model_dump_json(exclude={"v", "type"}))
-    return row
