@@ -24,6 +24,7 @@ import pytest
 from gateway import protocol
 from tests.seeding import seed_tenant
 from tools.broker import Broker
+from tools.router import SimRouter
 
 BIN = Path(sys.executable).parent
 
@@ -35,6 +36,11 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     server.start()
     yield server
     server.stop()
+
+
+def sim_router(broker: Broker, tenant: str, router: str, **options: Any) -> SimRouter:
+    """A simulated router of ``tenant`` that will connect to ``broker``."""
+    return SimRouter("127.0.0.1", broker.port, tenant, router, **options)
 
 
 def tool(
@@ -107,7 +113,7 @@ class GatewayProcess:
         """Start, and return once its retained status says it came online."""
         started = datetime.now(UTC)
         self.spawn()
-        await wait_gateway_online(self.broker.port, started, timeout, self)
+        await wait_gateway_online(self.broker, started, timeout, self)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -139,7 +145,10 @@ class GatewayProcess:
 
 
 async def wait_gateway_online(
-    port: int, since: datetime, timeout: float, process: GatewayProcess | None = None
+    broker: Broker,
+    since: datetime,
+    timeout: float,
+    process: GatewayProcess | None = None,
 ) -> None:
     """Wait for a retained ``online`` status stamped at or after ``since``."""
     online = asyncio.Event()
@@ -153,7 +162,7 @@ async def wait_gateway_online(
 
     client = gmqtt.Client(None)
     client.on_message = on_message
-    await client.connect("127.0.0.1", port)
+    await client.connect("127.0.0.1", broker.port)
     client.subscribe(protocol.status_topic(protocol.PREFIX, "+"), qos=1)
     try:
         async with asyncio.timeout(timeout):
@@ -197,8 +206,8 @@ async def gateway_process(
 class PresenceWatch:
     """Every presence message of one tenant, in the order the broker sent them."""
 
-    def __init__(self, port: int, tenant: str) -> None:
-        self.port = port
+    def __init__(self, broker: Broker, tenant: str) -> None:
+        self.broker = broker
         self.tenant = tenant
         self.seen: list[protocol.Presence] = []
         self._client = gmqtt.Client(None)
@@ -213,7 +222,7 @@ class PresenceWatch:
         return 0
 
     async def __aenter__(self) -> PresenceWatch:
-        await self._client.connect("127.0.0.1", self.port)
+        await self._client.connect("127.0.0.1", self.broker.port)
         self._client.subscribe(f"{protocol.PREFIX}/{self.tenant}/+/presence", qos=1)
         return self
 
@@ -237,8 +246,8 @@ class PresenceWatch:
 class TopicWatch:
     """Goodbyes (and wills) published on one topic, awaited one by one."""
 
-    def __init__(self, port: int, topic: str) -> None:
-        self.port = port
+    def __init__(self, broker: Broker, topic: str) -> None:
+        self.broker = broker
         self.topic = topic
         self._queue: asyncio.Queue[protocol.Goodbye] = asyncio.Queue()
         self._client = gmqtt.Client(None)
@@ -251,7 +260,7 @@ class TopicWatch:
         return 0
 
     async def __aenter__(self) -> TopicWatch:
-        await self._client.connect("127.0.0.1", self.port)
+        await self._client.connect("127.0.0.1", self.broker.port)
         self._client.subscribe(self.topic, qos=1)
         return self
 
@@ -265,8 +274,8 @@ class TopicWatch:
 class StatusWatch:
     """The gateway's retained status messages, awaited one by one."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
         self._queue: asyncio.Queue[protocol.GatewayStatus] = asyncio.Queue()
         self._client = gmqtt.Client(None)
         self._client.on_message = self._on_message
@@ -279,7 +288,7 @@ class StatusWatch:
         return 0
 
     async def __aenter__(self) -> StatusWatch:
-        await self._client.connect("127.0.0.1", self.port)
+        await self._client.connect("127.0.0.1", self.broker.port)
         self._client.subscribe(protocol.status_topic(protocol.PREFIX, "+"), qos=1)
         return self
 

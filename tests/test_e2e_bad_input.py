@@ -18,9 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import started_gateway
+from tests.conftest import sim_router, started_gateway
 from tools.broker import Broker
-from tools.router import SimRouter
 
 pytestmark = pytest.mark.broker
 
@@ -131,7 +130,7 @@ async def test_thousands_of_bad_messages_change_nothing_and_a_good_hello_still_w
     broker: Broker, tmp_path: Path
 ) -> None:
     database, gateway = await started_gateway(broker, tmp_path)
-    seated = SimRouter("127.0.0.1", broker.port, "T8", "R00")
+    seated = sim_router(broker, "T8", "R00")
     await seated.connect()
     await seated.ask()
     before = snapshot(database)
@@ -144,7 +143,7 @@ async def test_thousands_of_bad_messages_change_nothing_and_a_good_hello_still_w
         sender.publish(topic, payload, qos=0)
     # The gateway receives one subscription's messages in order, so a reply
     # to a hello sent after them means every bad message was handled.
-    control = SimRouter("127.0.0.1", broker.port, "T8", "R99")
+    control = sim_router(broker, "T8", "R99")
     await control.connect()
     decision, _ = await control.ask(30)
     await sender.disconnect()
@@ -179,7 +178,7 @@ async def test_malformed_hello_is_answered_with_a_reason_naming_the_problem(
     broker: Broker, tmp_path: Path
 ) -> None:
     _, gateway = await started_gateway(broker, tmp_path)
-    router = SimRouter("127.0.0.1", broker.port, "T8", "R01")
+    router = sim_router(broker, "T8", "R01")
     await router.connect()
     cases = [
         (b'{"v": 1, "ref": "r7"}', "malformed_hello", "session"),
@@ -192,7 +191,7 @@ async def test_malformed_hello_is_answered_with_a_reason_naming_the_problem(
         assert (decision.decision, decision.reason) == ("reject", reason)
         assert words in (decision.detail or "").lower()
         assert decision.ref == ("r7" if b'"r7"' in payload else None)
-    stranger = SimRouter("127.0.0.1", broker.port, "NOPE", "R01")
+    stranger = sim_router(broker, "NOPE", "R01")
     await stranger.connect()
     decision, _ = await stranger.ask()
     assert (decision.decision, decision.reason) == ("reject", "unknown_tenant")

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from gateway.protocol import Decision
-from tests.conftest import GatewayProcess, PresenceWatch, StatusWatch, started_gateway
+from tests.conftest import (
+    GatewayProcess,
+    PresenceWatch,
+    StatusWatch,
+    sim_router,
+    started_gateway,
+)
 from tests.seeding import seed_tenant
 from tools.broker import Broker
 from tools.router import Heard, SimRouter
@@ -56,11 +62,10 @@ class Tally:
 
 
 async def connect_all(
-    port: int, tenant: str, count: int, tally: Tally
+    broker: Broker, tenant: str, count: int, tally: Tally
 ) -> list[SimRouter]:
     routers = [
-        SimRouter("127.0.0.1", port, tenant, f"R{i:03d}", on_heard=tally)
-        for i in range(count)
+        sim_router(broker, tenant, f"R{i:03d}", on_heard=tally) for i in range(count)
     ]
     await asyncio.gather(*(r.connect() for r in routers))
     return routers
@@ -83,10 +88,10 @@ async def test_gateway_killed_mid_fleet_keeps_seats_and_answers_every_hello(
     """SIGKILL while a fleet says hello; after a restart every hello is answered."""
     database, gateway = await started_gateway(broker, tmp_path, "T", basic1=20)
     tally = Tally()
-    routers = await connect_all(broker.port, "T", 120, tally)
+    routers = await connect_all(broker, "T", 120, tally)
     sender = asyncio.create_task(paced_hellos(routers, 0.005))
     await tally.until(lambda t: t.heard >= 30)
-    async with StatusWatch(broker.port) as status:
+    async with StatusWatch(broker) as status:
         gateway.kill()
         offline = await status.next()
     assert offline.state == "offline"
@@ -114,9 +119,7 @@ async def test_broker_restart_keeps_every_router_in_its_place(
     database, gateway = await started_gateway(
         broker, tmp_path, options={"grace-seconds": 30}
     )
-    routers = [
-        SimRouter("127.0.0.1", broker.port, "T8", f"R{i:02d}") for i in range(1, 11)
-    ]
+    routers = [sim_router(broker, "T8", f"R{i:02d}") for i in range(1, 11)]
     before = {}
     for router in routers:
         await router.connect()
@@ -135,7 +138,7 @@ async def test_broker_restart_keeps_every_router_in_its_place(
         n: (d.decision, d.position) for n, d in before.items()
     }
     assert line_of(database, "T8") == line_before
-    async with PresenceWatch(broker.port, "T8") as watch:
+    async with PresenceWatch(broker, "T8") as watch:
         await watch.until(lambda w: len(w.latest()) == 10)
         states = {n: p.state for n, p in watch.latest().items()}
     assert states == {
@@ -153,7 +156,7 @@ async def test_burst_of_hellos_right_after_broker_restart_is_decided_in_order(
     database, gateway = await started_gateway(broker, tmp_path, "T", basic25=4)
     broker.restart()
     tally = Tally()
-    routers = await connect_all(broker.port, "T", 300, tally)
+    routers = await connect_all(broker, "T", 300, tally)
     for router in routers:
         router.hello()
     await tally.until(lambda t: len(t.latest) == 300)
@@ -178,7 +181,7 @@ async def test_sigterm_finishes_in_flight_hellos_and_exits_cleanly(
     """SIGTERM during a burst: answered hellos are durable, the rest wait."""
     database, gateway = await started_gateway(broker, tmp_path, "T", basic1=30)
     tally = Tally()
-    routers = await connect_all(broker.port, "T", 100, tally)
+    routers = await connect_all(broker, "T", 100, tally)
     sender = asyncio.create_task(paced_hellos(routers, 0.005))
     await tally.until(lambda t: t.heard >= 20)
     assert gateway.stop() == 0

@@ -17,11 +17,10 @@ import pytest
 from policy.licenses import Kind, State
 from policy.sqlite_store import SqliteStore
 from policy.timeutil import add_months, from_text, to_text
-from tests.conftest import GatewayProcess, tool, tool_json
+from tests.conftest import GatewayProcess, sim_router, tool, tool_json
 from tests.seeding import add_available, mint, seed_tenant
 from tools.broker import Broker
 from tools.fleet import run_fleet
-from tools.router import SimRouter
 
 pytestmark = pytest.mark.broker
 
@@ -96,7 +95,7 @@ async def test_scheduled_activation_admits_waiting_routers_at_its_instant(
     spare = await add_available(db, "T", 2)
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
-    routers = [SimRouter("127.0.0.1", broker.port, "T", f"R{i}") for i in range(1, 5)]
+    routers = [sim_router(broker, "T", f"R{i}") for i in range(1, 5)]
     for router in routers:
         await router.connect()
         await router.ask()
@@ -146,7 +145,7 @@ async def test_expiry_evicts_the_last_arrivals_at_its_instant(
     await store.close()
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
-    routers = [SimRouter("127.0.0.1", broker.port, "T", f"R{i}") for i in range(1, 5)]
+    routers = [sim_router(broker, "T", f"R{i}") for i in range(1, 5)]
     for router in routers:
         await router.connect()
         await router.ask()
@@ -181,8 +180,8 @@ async def test_activation_by_the_tool_takes_effect_within_a_second(
     (spare,) = await add_available(db, "T")
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
-    first = SimRouter("127.0.0.1", broker.port, "T", "R1")
-    waiting = SimRouter("127.0.0.1", broker.port, "T", "R2")
+    first = sim_router(broker, "T", "R1")
+    waiting = sim_router(broker, "T", "R2")
     for router in (first, waiting):
         await router.connect()
         await router.ask()
@@ -211,9 +210,7 @@ async def test_ten_hellos_in_one_millisecond_during_an_activation_seat_exactly_e
     (later,) = await add_available(db, "T8")
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
-    routers = [
-        SimRouter("127.0.0.1", broker.port, "T8", f"R{i:02d}") for i in range(1, 11)
-    ]
+    routers = [sim_router(broker, "T8", f"R{i:02d}") for i in range(1, 11)]
     await asyncio.gather(*(r.connect() for r in routers))
 
     tomorrow = instant(datetime.now(UTC) + timedelta(days=1))
@@ -256,7 +253,7 @@ async def test_importing_five_thousand_codes_while_deciding_hellos_locks_nobody_
        "--issued", issued, "--csv", str(tmp_path / "big.csv"))  # fmt: skip
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
-    routers = [SimRouter("127.0.0.1", broker.port, "T", f"R{i:02d}") for i in range(40)]
+    routers = [sim_router(broker, "T", f"R{i:02d}") for i in range(40)]
     await asyncio.gather(*(r.connect() for r in routers))
 
     importing = asyncio.create_task(
@@ -309,9 +306,7 @@ async def test_paid_activation_invalidates_cloud_free_and_reseats_the_first_arri
     await store.close()
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
-    routers = [
-        SimRouter("127.0.0.1", broker.port, "T", f"R{i:02d}") for i in range(1, 31)
-    ]
+    routers = [sim_router(broker, "T", f"R{i:02d}") for i in range(1, 31)]
     for router in routers:
         await router.connect()
         decision, _ = await router.ask()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PresenceWatch, TopicWatch, started_gateway
+from tests.conftest import PresenceWatch, TopicWatch, sim_router, started_gateway
 from tools.broker import Broker
 from tools.router import SimRouter
 
@@ -40,7 +40,7 @@ async def seated_fleet(broker: Broker, names: list[str]) -> dict[str, SimRouter]
     """Connect ``names`` one after another; each has its first answer."""
     routers = {}
     for name in names:
-        router = SimRouter("127.0.0.1", broker.port, "T8", name)
+        router = sim_router(broker, "T8", name)
         await router.connect()
         await router.ask()
         routers[name] = router
@@ -59,7 +59,7 @@ async def test_silent_router_loses_its_seat_when_its_lease_runs_out(
     database, gateway = await started_gateway(
         broker, tmp_path, options={"lease-seconds": 3}
     )
-    async with PresenceWatch(broker.port, "T8") as watch:
+    async with PresenceWatch(broker, "T8") as watch:
         routers = await seated_fleet(broker, NAMES[:9])
         await routers.pop("R01").disconnect()
         r09 = routers["R09"]
@@ -85,11 +85,11 @@ async def test_reconnect_keeps_seat_when_old_will_arrives_before_new_hello(
 ) -> None:
     """F02: the will of the dropped link comes first; seat and place are kept."""
     database, gateway = await started_gateway(broker, tmp_path, options=GRACE)
-    async with PresenceWatch(broker.port, "T8") as watch:
+    async with PresenceWatch(broker, "T8") as watch:
         routers = await seated_fleet(broker, NAMES)
         before = rows(database)["R03"]
         r03 = routers["R03"]
-        async with TopicWatch(broker.port, "irm/v1/T8/R03/goodbye") as wills:
+        async with TopicWatch(broker, "irm/v1/T8/R03/goodbye") as wills:
             await r03.drop()
             will = await wills.next()
         assert will.will
@@ -115,12 +115,12 @@ async def test_takeover_with_same_client_id_keeps_one_seat_and_never_flips_offli
     loop of two devices sharing one id, which the gateway reports.
     """
     database, gateway = await started_gateway(broker, tmp_path, options=GRACE)
-    async with PresenceWatch(broker.port, "T8") as watch:
+    async with PresenceWatch(broker, "T8") as watch:
         routers = await seated_fleet(broker, NAMES)
         arrival = rows(database)["R03"][0]
         twins = []
         for _ in range(3):
-            twin = SimRouter("127.0.0.1", broker.port, "T8", "R03")
+            twin = sim_router(broker, "T8", "R03")
             await twin.connect()
             decision, _ = await twin.ask()
             assert decision.decision == "accept"
@@ -151,7 +151,7 @@ async def test_hellos_sent_while_gateway_is_down_are_answered_in_order(
     assert gateway.stop() == 0
     late = {}
     for name in ("R09", "R10"):
-        router = SimRouter("127.0.0.1", broker.port, "T8", name)
+        router = sim_router(broker, "T8", name)
         await router.connect()
         router.hello()
         late[name] = router
@@ -172,7 +172,7 @@ async def test_duplicate_and_redelivered_hellos_get_one_seat_and_the_same_answer
     """F05: R05 says hello twice on purpose, and one hello arrives twice."""
     database, gateway = await started_gateway(broker, tmp_path)
     routers = await seated_fleet(broker, NAMES[:4])
-    r05 = SimRouter("127.0.0.1", broker.port, "T8", "R05")
+    r05 = sim_router(broker, "T8", "R05")
     await r05.connect()
     first, _ = await r05.ask()
     second, _ = await r05.ask()
@@ -198,7 +198,7 @@ async def test_mqtt311_router_is_answered_on_its_fixed_reply_topic_with_its_ref(
 ) -> None:
     """No Response Topic or Correlation Data in 3.1.1: the ``ref`` matches."""
     _, gateway = await started_gateway(broker, tmp_path)
-    old = SimRouter("127.0.0.1", broker.port, "T8", "R01", mqtt5=False)
+    old = sim_router(broker, "T8", "R01", mqtt5=False)
     await old.connect()
     decision, _ = await old.ask()
     assert (decision.decision, decision.reason) == ("accept", "licensed")
