@@ -74,16 +74,15 @@ OPTIONS = [
 def settings_options(command: F) -> F:
     """Every setting's option, and ``--config``, on ``command``."""
     for name, metavar, text in reversed(OPTIONS):
+        # The option's own default stays None (not given), so the file and
+        # the environment can set the value; help shows the real one.
         default = Settings.model_fields[name].default
-        if default is not None:
-            # The option's own default stays None (not given), so the file
-            # and the environment can set the value; show the real one.
-            text += f" [default: {default}]"
+        shown = "" if default is None else f" [default: {default}]"
         command = click.option(
             f"--{name.replace('_', '-')}",
             name,
             metavar=metavar,
-            help=text,
+            help=text + shown,
             envvar=f"{ENV_PREFIX}{name.upper()}",
             show_envvar=True,
         )(command)

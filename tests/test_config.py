@@ -177,9 +177,7 @@ def test_check_config_masks_the_password_from_every_source(tmp_path: Path) -> No
 
     from_file = gateway("check-config", "--config", str(path))
     from_env = gateway("check-config", IRM_BROKER_PASSWORD="from-the-env")
-    as_json = gateway(
-        "check-config", "--json", "--broker-password", "from-the-option"
-    )
+    as_json = gateway("check-config", "--json", "--broker-password", "from-the-option")
 
     for result, secret in [
         (from_file, "from-the-file"),
