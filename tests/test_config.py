@@ -223,3 +223,14 @@ def test_load_names_every_problem_in_its_error(tmp_path: Path) -> None:
 
     assert len(caught.value.problems) == 2
     assert caught.value.problems[0].startswith("--broker-port = 0: must be")
+
+
+def test_the_example_configuration_is_valid_and_names_every_key() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "irm-gateway.toml"
+
+    result = gateway("check-config", "--json", "--config", str(example))
+
+    assert result.exit_code == 0, result.stderr
+    text = example.read_text()
+    missing = [k for k in Settings.model_fields if f"{k} = " not in text]
+    assert not missing, f"deploy/irm-gateway.toml does not mention {missing}"
