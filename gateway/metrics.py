@@ -141,11 +141,16 @@ class Metrics:
 
 @contextlib.asynccontextmanager
 async def alarms_checked(metrics: Metrics) -> AsyncIterator[None]:
-    """Check the capacity alarms every second while the block runs."""
+    """Check the capacity alarms every second while the block runs.
+
+    Not before the gateway is ready: while it loads, a tenant's capacity is
+    known before its routers are back in line, which would read as a drop.
+    """
 
     async def check() -> None:
         while True:
-            metrics.check_alarms()
+            if metrics.gateway.ready.is_set():
+                metrics.check_alarms()
             await asyncio.sleep(ALARM_EVERY)
 
     task = asyncio.create_task(check(), name="capacity-alarms")

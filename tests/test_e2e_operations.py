@@ -89,9 +89,16 @@ async def test_metrics_scraped_after_a_fleet_count_what_the_fleet_was_told(
 ) -> None:
     _, _, url = await operated_gateway(broker, tmp_path)
 
-    seen = fleet(broker, "T8", 10)
+    running = asyncio.ensure_future(asyncio.to_thread(fleet, broker, "T8", 10))
+    during = []
+    while not running.done():
+        page = samples(await until_status(f"{url}/metrics", 200))
+        during.append(value(page, "irm_messages_received_total", kind="hello"))
+    seen = await running
     page = samples(await until_status(f"{url}/metrics", 200))
 
+    assert during == sorted(during)
+    assert all(count <= 10 for count in during)
     assert (len(seen["online"]), len(seen["offline"])) == (8, 2)
     assert value(page, "irm_messages_received_total", kind="hello") == 10
     hello = {"cause": "hello"}
