@@ -234,3 +234,10 @@ def test_the_example_configuration_is_valid_and_names_every_key() -> None:
     text = example.read_text()
     missing = [k for k in Settings.model_fields if f"{k} = " not in text]
     assert not missing, f"deploy/irm-gateway.toml does not mention {missing}"
+
+
+def test_run_reads_the_same_settings_and_refuses_the_same_way() -> None:
+    result = gateway("run", "--broker-port", "0")
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith("irm-gateway: --broker-port = 0: must be")
