@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ def fleet(broker: Broker, tenant: str, count: int) -> dict[str, Any]:
             "--no-goodbye", "--json",
         ],
         capture_output=True, text=True, check=False, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("IRM_")},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
@@ -60,18 +62,21 @@ async def get(url: str) -> tuple[int, str]:
 async def until_status(url: str, status: int, timeout: float = 30.0) -> str:
     """Poll ``url`` until it answers ``status``; its body then."""
     seen: object = None
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                code, body = await get(url)
-            except aiohttp.ClientError as exc:
-                seen = exc
-            else:
-                if code == status:
-                    return body
-                seen = (code, body)
-            await asyncio.sleep(0.1)
-    raise AssertionError(seen)  # pragma: no cover - the timeout raises first
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    code, body = await get(url)
+                except aiohttp.ClientError as exc:
+                    seen = exc
+                else:
+                    if code == status:
+                        return body
+                    seen = (code, body)
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        pass
+    raise AssertionError(f"{url} did not answer {status} in {timeout} s: {seen}")
 
 
 async def operated_gateway(
