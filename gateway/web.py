@@ -46,14 +46,8 @@ async def serving(gateway: Gateway, host: str, port: int | None) -> AsyncIterato
     if port is None:
         yield
         return
-    app = web.Application()
-    app[GATEWAY] = gateway
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/status", status)
     # Probes and scrapes every few seconds would drown the decisions.
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(application(gateway), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -65,6 +59,16 @@ async def serving(gateway: Gateway, host: str, port: int | None) -> AsyncIterato
         yield
     finally:
         await runner.cleanup()
+
+
+def application(gateway: Gateway) -> web.Application:
+    app = web.Application()
+    app[GATEWAY] = gateway
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
+    return app
 
 
 async def healthz(request: web.Request) -> web.Response:
