@@ -1,26 +1,35 @@
-"""``irm-gateway``: run the licensing gate as a service."""
+"""``irm-gateway``: run the licensing gate as a service.
+
+``irm-gateway`` alone (or ``irm-gateway run``) runs it; ``irm-gateway
+check-config`` prints the configuration it would run with, secrets
+masked. Both read the same options, ``IRM_*`` variables and TOML file
+(gateway/config.py); a bad setting exits 2 naming the key, where it was
+set and the rule it breaks.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import structlog
-from pydantic import ValidationError
-from pydantic_core import ErrorDetails
+from click.core import ParameterSource
 
-from gateway import logs, protocol
-from gateway.config import Settings
+from gateway import logs, metrics, web
+from gateway.config import ENV_PREFIX, ConfigError, Loaded, Settings, load, shown
 from gateway.service import Gateway
 from policy.errors import IrmError
 from policy.sqlite_store import SqliteStore
 
 log = structlog.get_logger("gateway")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 async def serve(settings: Settings) -> None:
@@ -31,57 +40,148 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     store = await SqliteStore.open(settings.database, create=False)
     try:
-        await Gateway(settings, store).run(stop)
+        gateway = Gateway(settings, store)
+        async with (
+            web.serving(gateway, settings.http_host, settings.http_port),
+            metrics.alarms_checked(gateway.metrics),
+        ):
+            await gateway.run(stop)
     finally:
         await store.close()
 
 
-ENV_PREFIX = "IRM"
-"""Every option can also be set as ``IRM_`` plus its name, e.g. IRM_BROKER_PORT."""
+# (name, metavar, help) of each setting that has a command-line option; the
+# rest are set in the file or the environment. Values are read as text and
+# checked by Settings, so a bad value gets one kind of message wherever it
+# was typed.
+OPTIONS = [
+    ("broker_host", "HOST", "MQTT broker host."),
+    ("broker_port", "PORT", "MQTT broker port."),
+    ("broker_username", "NAME", "Broker account of the gateway."),
+    ("broker_password", "SECRET", "Its password."),
+    ("database", "PATH", "SQLite file shared with irm-tool."),
+    ("prefix", "TOPIC", "Topic prefix of the protocol."),
+    ("gateway_id", "NAME", "Names the gateway's MQTT session."),
+    ("lease_seconds", "SECONDS", "A silent router's seat lasts this (1 to 86400)."),
+    ("grace_seconds", "SECONDS", "A last will holds the seat this (0 to 3600)."),
+    ("log_format", "[auto|json|console]", "JSON, or readable lines on a terminal."),
+    ("log_level", "[debug|info|warning|error]", "info: one line per decision."),
+    ("http_host", "HOST", "Address of /metrics, /healthz, /readyz, /status."),
+    ("http_port", "PORT", "Their port [default: none, no HTTP server]."),
+]
 
-option = functools.partial(click.option, show_envvar=True)
-"""click shows the variable only when each option asks, not per command."""
+
+def settings_options(command: F) -> F:
+    """Every setting's option, and ``--config``, on ``command``."""
+    for name, metavar, text in reversed(OPTIONS):
+        # The option's own default stays None (not given), so the file and
+        # the environment can set the value; help shows the real one.
+        default = Settings.model_fields[name].default
+        shown = "" if default is None else f" [default: {default}]"
+        command = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            metavar=metavar,
+            help=text + shown,
+            envvar=f"{ENV_PREFIX}{name.upper()}",
+            show_envvar=True,
+        )(command)
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=f"{ENV_PREFIX}CONFIG",
+        show_envvar=True,
+        help="TOML file of settings; options and IRM_* variables override it.",
+    )(command)
 
 
-# Numbers are read as text and checked by Settings, so that a bad value
-# from the command line or the environment gets one kind of message.
-@click.command(
-    context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True}
+uvloop_option = click.option(
+    "--uvloop/--no-uvloop",
+    default=False,
+    envvar=f"{ENV_PREFIX}UVLOOP",
+    show_envvar=True,
+    help="Use uvloop if installed.",
 )
-@option("--broker-host", default="127.0.0.1", help="MQTT broker host.")
-@option("--broker-port", default="18830", metavar="PORT", help="MQTT broker port.")
-@option("--broker-username", default=None, help="Broker account of the gateway.")
-@option("--broker-password", default=None, help="Its password.")
-@option(
-    "--database", default="irm.db", type=click.Path(path_type=Path),
-    help="SQLite file shared with irm-tool.",
-)  # fmt: skip
-@option("--prefix", default=protocol.PREFIX, help="Topic prefix of the protocol.")
-@option("--gateway-id", default="gw1", help="Names the gateway's MQTT session.")
-@option(
-    "--lease-seconds", default="90", metavar="SECONDS",
-    help="A silent router's seat lasts this (1 to 86400).",
-)  # fmt: skip
-@option(
-    "--grace-seconds", default="10", metavar="SECONDS",
-    help="A last will holds the seat this (0 to 3600).",
-)  # fmt: skip
-@option(
-    "--log-format", default="auto", type=click.Choice(["auto", "json", "console"]),
-)  # fmt: skip
-@option(
-    "--log-level", default="info",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)  # fmt: skip
-@option("--uvloop/--no-uvloop", default=False, help="Use uvloop if installed.")
-def cli(uvloop: bool, **options: Any) -> None:
-    """Admit routers that say hello over MQTT against their tenant's licenses."""
+
+
+def _loaded(ctx: click.Context, options: dict[str, Any]) -> Loaded:
+    """The settings from this command's options and its parent's; exit 2 if bad.
+
+    click also reads each option's variable, only to show it in --help:
+    values from the environment are left to Settings, which names them so.
+    """
+    given: dict[str, Any] = dict(ctx.obj or {})
+    for name, value in options.items():
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            given[name] = value
+    config = given.pop("config", None) or options.get("config")
     try:
-        settings = Settings(**options)
-    except ValidationError as exc:
-        for error in exc.errors():
-            click.echo(f"irm-gateway: {_explain(error)}", err=True)
+        return load(given, config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"irm-gateway: {problem}", err=True)
         sys.exit(2)
+
+
+@click.group(invoke_without_command=True)
+@settings_options
+@uvloop_option
+@click.pass_context
+def cli(ctx: click.Context, /, uvloop: bool, **options: Any) -> None:
+    """Admit routers that say hello over MQTT against their tenant's licenses.
+
+    With no command, runs the gateway (as 'irm-gateway run' does).
+    """
+    if ctx.invoked_subcommand is None:
+        _run(_loaded(ctx, options).settings, uvloop)
+        return
+    ctx.obj = {
+        name: value
+        for name, value in options.items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
+
+
+@cli.command("run")
+@settings_options
+@uvloop_option
+@click.pass_context
+def run_command(ctx: click.Context, /, uvloop: bool, **options: Any) -> None:
+    """Run the gateway until SIGTERM or SIGINT."""
+    _run(_loaded(ctx, options).settings, uvloop)
+
+
+@cli.command("check-config")
+@settings_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def check_config(ctx: click.Context, /, as_json: bool, **options: Any) -> None:
+    """Print the settings the gateway would run with, secrets masked.
+
+    Exit status 0 when they are valid, 2 (with every problem) when not.
+    """
+    loaded = _loaded(ctx, options)
+    values = shown(loaded.settings)
+    if as_json:
+        click.echo(json.dumps(values, indent=2))
+        return
+    click.echo("# irm-gateway: effective configuration (secrets masked)")
+    width = max(len(f"{k} = {_toml(v)}") for k, v in values.items())
+    for key, value in values.items():
+        line = f"{key} = {_toml(value)}" if value is not None else f"# {key} unset"
+        click.echo(f"{line:<{width}}  # {loaded.origins[key]}")
+
+
+def _toml(value: object) -> str:
+    """A value as a TOML line would hold it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)
+
+
+def _run(settings: Settings, uvloop: bool) -> None:
     logs.setup(settings.log_format, settings.log_level)
     runner: Any = asyncio.run
     if uvloop:
@@ -93,21 +193,6 @@ def cli(uvloop: bool, **options: Any) -> None:
     except IrmError as exc:
         log.error("gateway failed", error=str(exc))  # noqa: TRY400 - ours: no trace
         sys.exit(1)
-
-
-def _explain(error: ErrorDetails) -> str:
-    """``--opt (IRM_OPT) = value: must be <rule>``: the operator's fault."""
-    name = str(error["loc"][0])
-    field = Settings.model_fields.get(name)
-    rule = f"must be {field.description}" if field and field.description else None
-    where = f"--{name.replace('_', '-')} ({ENV_PREFIX}_{name.upper()})"
-    return f"{where} = {_shown(error['input'])}: {rule or error['msg']}"
-
-
-def _shown(value: object) -> str:
-    """The value as typed; quoted when blank space would hide it."""
-    text = str(value)
-    return text if text and text.strip() == text else repr(text)
 
 
 def main() -> None:

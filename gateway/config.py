@@ -1,26 +1,48 @@
 """The gateway's settings, validated once at start.
 
-A constrained setting states its rule in ``description``, in the words
-an operator reads when the value breaks it (see gateway/__main__.py).
+Where a value comes from, highest first: a command-line option, an
+``IRM_*`` environment variable, the TOML file (``--config PATH`` or
+``IRM_CONFIG``), the default here. The model stays flat, one field per
+key, so a new setting is one line; a constrained one states its rule in
+``description``, in the words an operator reads when a value breaks it
+(:func:`load` and gateway/__main__.py).
+
+A field typed ``SecretStr``, or whose name holds ``password``, ``secret``
+or ``token``, is masked wherever the settings are shown (:func:`shown`).
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from gateway.protocol import NAME_PATTERN, PREFIX
 
+ENV_PREFIX = "IRM_"
 PREFIX_PATTERN = r"^[^/+#]([^+#]*[^/+#])?$"
 """Topic levels with no MQTT wildcard, not starting or ending with ``/``."""
 
+MASK = "********"
+SECRET_WORDS = ("password", "secret", "token")
+_URL_PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
+"""``scheme://user:password@host``: the password of a URL, e.g. a database's."""
 
-class Settings(BaseModel):
+
+class Settings(BaseSettings):
     """Everything an operator can set; defaults suit one gateway on one host."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix=ENV_PREFIX
+    )
 
     broker_host: str = "127.0.0.1"
     broker_port: int = Field(
@@ -53,13 +75,176 @@ class Settings(BaseModel):
         allow_inf_nan=False,
         description="a finite number from 0 to 3600",
     )
-    batch_max: int = Field(2000, ge=1)
-    receive_maximum: int = Field(2000, ge=1, le=65535)
-    publish_window: int = Field(2000, ge=1, le=65000)
-    poll_seconds: float = Field(0.25, gt=0, le=1.0)
-    log_format: Literal["auto", "json", "console"] = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    batch_max: int = Field(2000, ge=1, description="a whole number from 1 up")
+    receive_maximum: int = Field(
+        2000, ge=1, le=65535, description="a whole number from 1 to 65535"
+    )
+    publish_window: int = Field(
+        2000, ge=1, le=65000, description="a whole number from 1 to 65000"
+    )
+    poll_seconds: float = Field(
+        0.25, gt=0, le=1.0, description="a number over 0, at most 1"
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="one of auto, json, console"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="one of debug, info, warning, error"
+    )
+    http_host: str = "127.0.0.1"
+    http_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="a whole number from 1 to 65535 (or unset: no HTTP server)",
+    )
+    alarm_on_percent: float = Field(
+        90.0,
+        gt=0,
+        le=100,
+        allow_inf_nan=False,
+        description="a number over 0, at most 100",
+    )
+    alarm_off_percent: float = Field(
+        85.0,
+        ge=0,
+        lt=100,
+        allow_inf_nan=False,
+        description="a number from 0 to below alarm_on_percent",
+    )
+
+    @field_validator("alarm_off_percent")
+    @classmethod
+    def _below_on(cls, value: float, info: ValidationInfo) -> float:
+        # Hysteresis: an alarm that clears where it is raised would flap.
+        on = info.data.get("alarm_on_percent")
+        if on is not None and value >= on:
+            raise ValueError(f"must be below alarm_on_percent ({on})")
+        return value
 
     @property
     def client_id(self) -> str:
         return f"irm-gateway-{self.gateway_id}"
+
+
+# -- loading -------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The operator's settings are wrong; ``problems`` has one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """The values one source gave, and how an operator names that source."""
+
+    source: Literal["option", "env", "file"]
+    values: Mapping[str, Any]
+    path: Path | None = None
+
+    def where(self, key: str) -> str:
+        if self.source == "option":
+            return f"--{key.replace('_', '-')}"
+        if self.source == "env":
+            return f"{ENV_PREFIX}{key.upper()}"
+        return f"{self.path}: {key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """The settings, and for each key the source that set it."""
+
+    settings: Settings
+    origins: dict[str, str]
+
+
+def load(options: Mapping[str, Any], config: Path | None = None) -> Loaded:
+    """Settings from ``options`` over the environment over ``config``.
+
+    Raises :class:`ConfigError` naming every bad key, its source and its
+    rule, so that an operator fixes them all in one go.
+    """
+    layers = [Layer("option", options), Layer("env", EnvSettingsSource(Settings)())]
+    if config is not None:
+        layers.append(Layer("file", read_toml(config), config))
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        merged.update(layer.values)
+    try:
+        settings = Settings(**merged)
+    except ValidationError as exc:
+        raise ConfigError([_explain(e, layers) for e in exc.errors()]) from exc
+    origins = {key: _origin(key, layers) for key in Settings.model_fields}
+    return Loaded(settings, origins)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The file's top-level keys; a missing or broken file is the operator's."""
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+
+
+def _origin(key: str, layers: list[Layer]) -> str:
+    for layer in layers:
+        if key in layer.values:
+            return layer.where(key)
+    return "default"
+
+
+def _explain(error: ErrorDetails, layers: list[Layer]) -> str:
+    """``<where> = <value>: must be <rule>``, where names the source."""
+    key = str(error["loc"][0]) if error["loc"] else "settings"
+    where = _origin(key, layers)
+    if error["type"] == "extra_forbidden":
+        return f"{where} = {_typed(error['input'])}: {_unknown(key)}"
+    field = Settings.model_fields.get(key)
+    rule = f"must be {field.description}" if field and field.description else None
+    if error["type"] == "value_error":
+        rule = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+    return f"{where} = {_typed(error['input'])}: {rule or error['msg']}"
+
+
+def _unknown(key: str) -> str:
+    near = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return f"unknown key{hint} ('irm-gateway check-config' lists them all)"
+
+
+def _typed(value: object) -> str:
+    """The value as typed; quoted when blank space would hide it."""
+    text = str(value)
+    return text if text and text.strip() == text else repr(text)
+
+
+# -- showing -------------------------------------------------------------------
+
+
+def is_secret(name: str, value: object) -> bool:
+    return isinstance(value, SecretStr) or any(w in name for w in SECRET_WORDS)
+
+
+def shown(settings: Settings) -> dict[str, Any]:
+    """Every key's value as it may be printed or logged: secrets masked.
+
+    URLs lose their password too (a database URL may carry one).
+    """
+    values: dict[str, Any] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is not None and is_secret(name, value):
+            value = MASK
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, str):
+            value = _URL_PASSWORD.sub(rf"\1:{MASK}@", value)
+        values[name] = value
+    return values

@@ -1,4 +1,11 @@
-"""Logging: key-value events through structlog, JSON or readable lines."""
+"""Logging: key-value events through structlog, JSON or readable lines.
+
+Levels, for the operator: ERROR the gateway cannot go on (it exits);
+WARNING someone should look (broker lost, bad input, capacity alarm);
+INFO one line per decision and per change of state; DEBUG per message.
+At thousands of decisions a second the per-decision lines are most of
+the log: ``log_level = "warning"`` keeps only what needs a look.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,17 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from gateway.config import MASK, SECRET_WORDS
+
+
+def redact(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Mask any field named like a secret, should one ever be logged."""
+    for key in event:
+        if any(word in key for word in SECRET_WORDS):
+            event[key] = MASK
+    return event
 
 
 def setup(fmt: str = "auto", level: str = "info") -> None:
@@ -24,6 +42,7 @@ def setup(fmt: str = "auto", level: str = "info") -> None:
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        redact,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

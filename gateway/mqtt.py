@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gmqtt
@@ -38,6 +39,8 @@ class Inbound:
     payload: bytes
     response_topic: str | None = None
     correlation: bytes | None = None
+    received: float = field(default_factory=time.monotonic)
+    """When it arrived (``time.monotonic``), for the decision's latency."""
 
 
 Handler = Callable[[Inbound], Awaitable[None]]
@@ -124,6 +127,8 @@ class Mqtt:
         self._connected = asyncio.Event()
         self._closing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.connects = 0
+        """Successful connects so far; every one after the first is a reconnect."""
         will_message = None
         if will is not None:
             will_message = gmqtt.Message(will[0], will[1], qos=1, retain=True)
@@ -162,6 +167,10 @@ class Mqtt:
                 await self._until(self._connected)
                 break
         return self
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
 
     def give_up(self) -> None:
         """Stop waiting for the broker: publishes that cannot go out now are
@@ -245,6 +254,7 @@ class Mqtt:
         self, client: gmqtt.Client, flags: int, rc: int, properties: Any
     ) -> None:
         self._client.attempts = 0
+        self.connects += 1
         # The broker's Receive Maximum (CONNACK) bounds our unacknowledged
         # QoS 1 publishes; gmqtt raises OverflowError one below it. The
         # ``properties`` handed to us merge our own CONNECT properties over

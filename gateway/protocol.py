@@ -127,6 +127,37 @@ class GatewayStatus(BaseModel):
     since: str | None = None
 
 
+class TenantState(BaseModel):
+    """One tenant as a running gateway holds it now (``GET /status``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tenant: str
+    tier: Tier | None
+    capacity: int
+    seats_used: int
+    waiting: int
+    capacity_alarm: bool
+    next_license_event: str | None
+    """The next instant a license of the tenant activates or expires."""
+
+
+class GatewayState(BaseModel):
+    """A running gateway's live state, served on its HTTP port at ``/status``.
+
+    ``irm-tool status`` reads it; it is not part of the MQTT protocol.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    v: Literal[1] = 1
+    gateway: str
+    at: str
+    ready: bool
+    broker_connected: bool
+    tenants: list[TenantState]
+
+
 def topic(prefix: str, tenant: str, router: str, kind: str) -> str:
     return f"{prefix}/{tenant}/{router}/{kind}"
 

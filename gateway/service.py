@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import protocol
 from gateway.config import Settings
+from gateway.metrics import Metrics
 from gateway.mqtt import Inbound, Mqtt
 from gateway.protocol import Goodbye, Heartbeat, Hello
 from policy.admission import (
@@ -125,6 +127,15 @@ class Gateway:
         self._startup: list[Event] = []
         self.ready = asyncio.Event()
         """Set once subscribed and announced; the retained status says so too."""
+        self.metrics = Metrics(self)
+
+    @property
+    def broker_connected(self) -> bool:
+        return self._mqtt is not None and self._mqtt.connected
+
+    @property
+    def broker_connects(self) -> int:
+        return 0 if self._mqtt is None else self._mqtt.connects
 
     # -- life cycle ------------------------------------------------------
 
@@ -256,6 +267,8 @@ class Gateway:
             self._bad("topic", "-", inbound.topic)
             return None
         tenant, router, kind = parts
+        self.metrics.received(kind)
+        log.debug("received", tenant=tenant, router=router, kind=kind)
         problem, message = self._validate(kind, inbound.payload)
         if message is None:
             label = "oversized" if problem.startswith("payload of") else "malformed"
@@ -307,6 +320,7 @@ class Gateway:
         now = self.clock()
         ref = _ref_of(inbound.payload)
         reply = protocol.refusal(tenant, router, reason, now, ref, detail or None)
+        self.metrics.decided("reject", reason.value, Cause.HELLO.value)
         topic = self._reply_topic(tenant, router, inbound)
         task = asyncio.ensure_future(
             self._send(topic, reply.model_dump_json().encode(), inbound.correlation)
@@ -369,12 +383,14 @@ class Gateway:
             elif isinstance(entry, _Item):
                 self._decide_one(entry, now, batch)
                 items.append(entry)
+        started = time.perf_counter()
         try:
             await self.store.apply(batch.events, now)
         except Exception as exc:
             for item in items:
                 item.done.set_exception(exc)
             raise
+        self.metrics.stored(time.perf_counter() - started)
         for topic, payload, correlation in batch.replies:
             await self._send(topic, payload, correlation)
         await self._publish_events(batch.events, now)
@@ -386,6 +402,7 @@ class Gateway:
         if tenant not in self.admission.lines:
             if item.kind == "hello":
                 self._bad("unknown_tenant", tenant, router)
+                self.metrics.decided("reject", Reason.UNKNOWN_TENANT.value, "hello")
                 reply = protocol.refusal(
                     tenant, router, Reason.UNKNOWN_TENANT, now, _ref(message)
                 )
@@ -396,7 +413,7 @@ class Gateway:
             assert outcome.verdict is not None
             if outcome.events and isinstance(outcome.events[0], Joined):
                 self._watch_takeovers(outcome.events[0], now)
-            self._log_decision(outcome.verdict, now)
+            self._log_decision(outcome.verdict, now, received=item.inbound.received)
             reply = self._decision(outcome.verdict, Cause.HELLO, now, message.ref)
             self._reply(batch, item, reply)
         elif isinstance(message, Heartbeat):
@@ -538,10 +555,17 @@ class Gateway:
         await self._mqtt.publish(topic, payload, correlation=correlation)
 
     def _log_decision(
-        self, verdict: Verdict, now: datetime, cause: Cause = Cause.HELLO
+        self,
+        verdict: Verdict,
+        now: datetime,
+        cause: Cause = Cause.HELLO,
+        received: float | None = None,
     ) -> None:
+        """One INFO line per answer; ``latency_ms`` for an answer to a hello."""
         decision = "accept" if verdict.accepted else "reject"
         self.decisions[f"{decision}:{verdict.reason.value}"] += 1
+        latency = None if received is None else time.monotonic() - received
+        self.metrics.decided(decision, verdict.reason.value, cause.value, latency)
         log.info(
             "decision",
             tenant=verdict.tenant,
@@ -552,6 +576,7 @@ class Gateway:
             position=verdict.position,
             epoch=verdict.epoch,
             cause=cause.value,
+            latency_ms=None if latency is None else round(latency * 1000, 3),
         )
 
 

@@ -60,6 +60,7 @@ from policy.timeutil import (
 )
 from tools import keys
 from tools.fleet import fleet_command
+from tools.status import status_command
 
 T = TypeVar("T")
 ADMIN = "admin"
@@ -1342,6 +1343,7 @@ def _write_new(path: Path, data: bytes) -> None:
 # -- the rest ---------------------------------------------------------------------
 
 cli.add_command(fleet_command, "fleet")
+cli.add_command(status_command, "status")
 
 
 def main() -> None:
