@@ -14,7 +14,7 @@ import structlog
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from gateway import logs, protocol
+from gateway import logs, protocol, reminders
 from gateway.config import Settings
 from gateway.service import Gateway
 from policy.errors import IrmError
@@ -30,9 +30,11 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     store = await SqliteStore.open(settings.database, create=False)
+    reminding = asyncio.create_task(reminders.remind(settings), name="reminders")
     try:
         await Gateway(settings, store).run(stop)
     finally:
+        await reminders.stop(reminding)
         await store.close()
 
 
@@ -72,6 +74,25 @@ option = functools.partial(click.option, show_envvar=True)
 @option(
     "--log-level", default="info",
     type=click.Choice(["debug", "info", "warning", "error"]),
+)  # fmt: skip
+@option(
+    "--smtp-host", default=None, help="Mail server for expiry reminders (none: off)."
+)
+@option("--smtp-port", default="587", metavar="PORT", help="Its port.")
+@option(
+    "--smtp-tls", default="starttls",
+    type=click.Choice(["starttls", "implicit", "none"]),
+    help="STARTTLS on a plain port, TLS from the start (465), or none.",
+)  # fmt: skip
+@option("--smtp-username", default=None, help="Account on the mail server.")
+@option("--smtp-password", default=None, help="Its password (never logged).")
+@option(
+    "--smtp-from", default="irm-gateway@localhost", metavar="ADDRESS",
+    help="Sender address of the reminders.",
+)  # fmt: skip
+@option(
+    "--smtp-check-seconds", default="60", metavar="SECONDS",
+    help="How often due reminders are looked for (1 to 86400).",
 )  # fmt: skip
 @option("--uvloop/--no-uvloop", default=False, help="Use uvloop if installed.")
 def cli(uvloop: bool, **options: Any) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from gateway.protocol import NAME_PATTERN, PREFIX
 
@@ -59,6 +59,26 @@ class Settings(BaseModel):
     poll_seconds: float = Field(0.25, gt=0, le=1.0)
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Expiry reminders by e-mail (gateway/reminders.py): off without a host.
+    smtp_host: str | None = None
+    smtp_port: int = Field(
+        587, ge=1, le=65535, description="a whole number from 1 to 65535"
+    )
+    smtp_tls: Literal["starttls", "implicit", "none"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = Field(
+        "irm-gateway@localhost",
+        pattern=r"^[^@\s<>]+@[^@\s<>]+$",
+        description="one address, name@domain, that the server accepts as sender",
+    )
+    smtp_check_seconds: float = Field(
+        60.0,
+        ge=1,
+        le=86_400,
+        allow_inf_nan=False,
+        description="a finite number from 1 to 86400",
+    )
 
     @property
     def client_id(self) -> str:

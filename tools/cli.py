@@ -60,6 +60,7 @@ from policy.timeutil import (
 )
 from tools import keys
 from tools.fleet import fleet_command
+from tools.reminders_cli import contacts_group, reminders_group
 
 T = TypeVar("T")
 ADMIN = "admin"
@@ -1342,6 +1343,8 @@ def _write_new(path: Path, data: bytes) -> None:
 # -- the rest ---------------------------------------------------------------------
 
 cli.add_command(fleet_command, "fleet")
+cli.add_command(contacts_group, "contacts")
+cli.add_command(reminders_group, "reminders")
 
 
 def main() -> None:
