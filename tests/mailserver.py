@@ -101,7 +101,8 @@ class MailServer:
             and self.accounts is not None
             and self.accounts.get(data.login.decode()) == data.password.decode()
         )
-        return AuthResult(success=ok)
+        # handled=False: aiosmtpd answers 535 itself (True means "we replied").
+        return AuthResult(success=ok, handled=False)
 
     def messages(self) -> list[Received]:
         return self.inbox.messages()

@@ -302,8 +302,9 @@ def reminders_send(
     The claims are the gateway's: a reminder it sent already is not sent
     again, and one it is sending right now is left to it.
     """
-    sender = _address(smtp_from)
-    smtp = Smtp(smtp_host, smtp_port, smtp_tls, sender, smtp_username, smtp_password)
+    # The sender is the mail server's to judge: "name@localhost" is fine
+    # on many, and would fail a check for a public domain.
+    smtp = Smtp(smtp_host, smtp_port, smtp_tls, smtp_from, smtp_username, smtp_password)
 
     async def work(store: Store) -> Pass:
         if tenant is not None:
