@@ -164,7 +164,7 @@ class Reminders:
         labels = await self.store.fingerprints([d.license.id for d in dues])
         key = mail_key(tenant.id, dues)
         message = compose(
-            Letter(tenant, dues, licenses, routers, labels),
+            Letter(tenant, dues, licenses, routers, labels, now),
             key, self.smtp.sender, recipients, now,
         )  # fmt: skip
         claim = ReminderMail(
@@ -235,6 +235,7 @@ class Letter:
     routers: int
     labels: dict[str, str]
     """Each license's code fingerprint (never the code)."""
+    now: datetime
 
 
 def compose(
@@ -276,7 +277,7 @@ def body(letter: Letter) -> str:
         lines.append(
             f"  - {lic.kind.label}, {lic.capacity} router(s), license {lic.id}"
             f" (code {letter.labels.get(lic.id, '?')}): expires"
-            f" {_local(d.expires_at, tz)}, in {d.days} days"
+            f" {_local(d.expires_at, tz)}, in {_days_left(letter, d)} days"
         )
     lines += ["", "What happens at expiry:"]
     for expiry in sorted({d.expires_at for d in letter.dues}):
@@ -328,6 +329,12 @@ def _renewal(tenant: Tenant, d: Due) -> list[str]:
         f"  irm-tool import --tenant {tenant.id} NEW-CODE",
         f"  irm-tool activate --tenant {tenant.id} NEW-LICENSE-ID --at {end}",
     ]
+
+
+def _days_left(letter: Letter, d: Due) -> int:
+    """Calendar days in the tenant's zone: after downtime, fewer than the step."""
+    tz = zone(letter.tenant.tz)
+    return (d.expires_at.astimezone(tz).date() - letter.now.astimezone(tz).date()).days
 
 
 def _local(moment: datetime, tz: str) -> str:

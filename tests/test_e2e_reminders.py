@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from policy.sqlite_store import SqliteStore
-from tests.conftest import GatewayProcess, tool, tool_json
+from tests.conftest import GatewayProcess, sim_router, tool, tool_json
 from tests.mailserver import MailServer
 from tests.seeding import seed_licenses
 from tools.broker import Broker
@@ -121,6 +121,41 @@ async def test_two_gateways_on_one_store_send_each_reminder_once(
             assert g.stop() == 0
     finally:
         second.stop()
+
+
+async def test_a_mail_server_that_never_answers_does_not_hold_up_admission(
+    broker: Broker, tmp_path: Path
+) -> None:
+    connected = asyncio.Event()
+    release = asyncio.Event()
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await release.wait()  # no greeting: the sender waits for its timeout
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        database = tmp_path / "irm.db"
+        await seed(database, "acme")
+        options = {**smtp_options(MailServer()), "smtp-port": port}
+        gateway = GatewayProcess(broker, database, tmp_path / "gw.log", **options)
+        await gateway.start()
+        await asyncio.wait_for(connected.wait(), 20)
+
+        router = sim_router(broker, "acme", "R01")
+        await router.connect()
+        decision, latency = await router.ask()
+
+        assert (decision.decision, decision.reason) == ("accept", "licensed")
+        assert latency < 2.0
+        await router.disconnect()
+        assert gateway.stop() == 0  # the stuck attempt does not hold up SIGTERM
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_the_tool_manages_contacts_and_shows_and_sends_reminders(

@@ -157,7 +157,9 @@ async def test_after_downtime_only_the_latest_due_reminder_goes_out(
     await run.run_once(EXPIRY - timedelta(days=13))
 
     (received,) = mail.messages()
-    assert "in 16 days" in received.text
+    assert "in 14 days" in received.text  # the 16-day step, two days late
+    (recorded,) = await store.reminder_mails("acme")
+    assert [s.days for s in recorded.steps] == [16]
 
 
 async def test_a_restarted_sender_does_not_send_again(
