@@ -277,7 +277,7 @@ def body(letter: Letter) -> str:
         lines.append(
             f"  - {lic.kind.label}, {lic.capacity} router(s), license {lic.id}"
             f" (code {letter.labels.get(lic.id, '?')}): expires"
-            f" {_local(d.expires_at, tz)}, in {_days_left(letter, d)} days"
+            f" {_local(d.expires_at, tz)}, {_days_left(letter, d)}"
         )
     lines += ["", "What happens at expiry:"]
     for expiry in sorted({d.expires_at for d in letter.dues}):
@@ -331,10 +331,11 @@ def _renewal(tenant: Tenant, d: Due) -> list[str]:
     ]
 
 
-def _days_left(letter: Letter, d: Due) -> int:
+def _days_left(letter: Letter, d: Due) -> str:
     """Calendar days in the tenant's zone: after downtime, fewer than the step."""
     tz = zone(letter.tenant.tz)
-    return (d.expires_at.astimezone(tz).date() - letter.now.astimezone(tz).date()).days
+    days = (d.expires_at.astimezone(tz).date() - letter.now.astimezone(tz).date()).days
+    return {0: "today", 1: "in 1 day"}.get(days, f"in {days} days")
 
 
 def _local(moment: datetime, tz: str) -> str:

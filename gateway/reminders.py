@@ -63,8 +63,12 @@ async def _one_pass(sender: Reminders, clock: Clock) -> None:
     try:
         done = await sender.run_once(clock())
     except IrmError as exc:
-        # The store was busy or broken: the next pass tries again.
+        # The store was busy, or a tenant's data was refused: next pass.
         log.warning("reminder pass failed", error=str(exc))
+        return
+    except Exception:
+        # Reminders must never take the gateway down: log it, try again.
+        log.exception("reminder pass failed unexpectedly")
         return
     _log(done)
 
