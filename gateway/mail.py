@@ -257,9 +257,10 @@ def _subject(letter: Letter) -> str:
     first = min(d.expires_at for d in letter.dues)
     count = len(letter.dues)
     what = "1 license" if count == 1 else f"{count} licenses"
+    verb = "expires on" if count == 1 else "expire from"
     return (
-        f"irm-gateway: {what} of tenant {letter.tenant.id} expire"
-        f"{'s' if count == 1 else ''} from {_local(first, letter.tenant.tz)}"
+        f"irm-gateway: {what} of tenant {letter.tenant.id} {verb} "
+        f"{_local(first, letter.tenant.tz)}"
     )
 
 
@@ -269,7 +270,9 @@ def body(letter: Letter) -> str:
     lines = [
         "Hello,",
         "",
-        f"licenses of tenant {letter.tenant.id} run out soon (times in {tz}):",
+        f"{'a license' if len(letter.dues) == 1 else 'licenses'} of tenant "
+        f"{letter.tenant.id} {'runs' if len(letter.dues) == 1 else 'run'} out "
+        f"soon (times in {tz}):",
         "",
     ]
     for d in letter.dues:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 ADMIN = "admin"
 _SHOWN = "%Y-%m-%d %H:%M"
+PIPE_WIDTH = 200
 
 
 def _run(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
@@ -70,7 +72,10 @@ def _address(value: str) -> str:
 
 
 def _print(*items: Table | str) -> None:
+    # As tools/cli.py does: whole lines to a pipe, where scripts use --json.
     console = Console(highlight=False, markup=False, emoji=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = PIPE_WIDTH
     for item in items:
         console.print(item)
 
@@ -81,7 +86,7 @@ def _table(*columns: str, title: str | None = None) -> Table:
         pad_edge=False, collapse_padding=True,
     )  # fmt: skip
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=column == "license", overflow="fold")
     return table
 
 
