@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -24,7 +25,7 @@ import pytest
 from gateway.mail import HOLD, RETRY_CAP, Reminders, Smtp
 from policy.licenses import Kind
 from policy.reminders import STEPS, step_at
-from policy.sqlite_store import SqliteStore
+from policy.sqlite_store import SCHEMA, SqliteStore
 from policy.timeutil import to_text
 from tests.mailserver import MailServer, Received
 from tests.seeding import seed_licenses
@@ -336,3 +337,23 @@ async def test_two_sender_processes_on_one_store_send_each_reminder_once(
         assert sorted(m.steps[0].days for m in mails) == sorted(STEPS)
         assert {m.state for m in mails} == {"sent"}
         assert all(len(m.steps) == 2 for m in mails)
+
+
+async def test_a_database_of_the_first_schema_gains_contacts_and_reminders(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.executescript(SCHEMA[0])
+        old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        old.execute("INSERT INTO meta VALUES ('schema', '1')")
+    old.close()
+
+    store = await SqliteStore.open(path, create=False)
+    try:
+        await store.add_tenant("acme", "UTC", ISSUED)
+        await store.add_contacts("acme", [CONTACT], ISSUED, "test")
+        assert await store.contacts("acme") == [CONTACT]
+        assert await store.reminder_mails() == []
+    finally:
+        await store.close()
