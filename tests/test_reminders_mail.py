@@ -357,3 +357,17 @@ async def test_a_database_of_the_first_schema_gains_contacts_and_reminders(
         assert await store.reminder_mails() == []
     finally:
         await store.close()
+
+
+async def test_starttls_is_never_silently_dropped_for_a_plain_connection(
+    store: SqliteStore, mail: MailServer
+) -> None:
+    await seed_licenses(store, "acme", [START])
+
+    done = await sender(store, mail, tls="starttls").run_once(
+        EXPIRY - timedelta(days=30)
+    )
+
+    ((_, error),) = done.failed
+    assert "STARTTLS" in error
+    assert mail.messages() == []

@@ -275,18 +275,28 @@ def _state_text(mail: Any) -> str:
 
 @reminders_group.command("send")
 @click.option("--tenant", help="Only this tenant.")
-@click.option("--smtp-host", required=True, envvar="IRM_SMTP_HOST", show_envvar=True)
+@click.option(
+    "--smtp-host", required=True, envvar="IRM_SMTP_HOST", show_envvar=True,
+    help="Mail server, as the gateway's --smtp-host.",
+)  # fmt: skip
 @click.option(
     "--smtp-port", default=587, type=click.IntRange(1, 65535),
-    envvar="IRM_SMTP_PORT", show_envvar=True, show_default=True,
+    envvar="IRM_SMTP_PORT", show_envvar=True, show_default=True, help="Its port.",
 )  # fmt: skip
 @click.option(
     "--smtp-tls", default="starttls",
     type=click.Choice(["starttls", "implicit", "none"]),
     envvar="IRM_SMTP_TLS", show_envvar=True, show_default=True,
+    help="STARTTLS on a plain port, TLS from the start (465), or none.",
 )  # fmt: skip
-@click.option("--smtp-username", envvar="IRM_SMTP_USERNAME", show_envvar=True)
-@click.option("--smtp-password", envvar="IRM_SMTP_PASSWORD", show_envvar=True)
+@click.option(
+    "--smtp-username", envvar="IRM_SMTP_USERNAME", show_envvar=True,
+    help="Account on the mail server.",
+)  # fmt: skip
+@click.option(
+    "--smtp-password", envvar="IRM_SMTP_PASSWORD", show_envvar=True,
+    help="Its password; prefer the variable, which 'ps' does not show.",
+)  # fmt: skip
 @click.option(
     "--smtp-from", default="irm-gateway@localhost", envvar="IRM_SMTP_FROM",
     show_envvar=True, show_default=True, help="Sender address.",
