@@ -16,6 +16,12 @@ its validity: a one-month license activated on 1 February (expiry 1 March)
 gets 23, 16, 9 and 2, not a "30 days left" at activation. After downtime
 only the latest step that is due counts: the ones passed over are never
 sent later, and neither is a step once a later one was recorded.
+
+One mail carries every step of a tenant that is due and not yet sent when
+the sender looks: licenses activated together (one ``activate`` command)
+expire together and share every mail. Licenses whose steps fall at
+different instants get separate mails, each at its own instant, since
+sending one early would break the edge rule above.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from policy.sqlite_store import SqliteStore
+from policy.timeutil import add_months
 from tests.conftest import GatewayProcess, sim_router, tool, tool_json
 from tests.mailserver import MailServer
 from tests.seeding import seed_licenses
@@ -37,8 +38,7 @@ def mail() -> Iterator[MailServer]:
 
 def expiring_soon() -> datetime:
     """An activation whose 12-month term ends in a day from now."""
-    now = datetime.now(UTC)
-    return now.replace(year=now.year - 1) + timedelta(days=1)
+    return add_months(datetime.now(UTC), -12) + timedelta(days=1)
 
 
 async def seed(database: Path, *tenants: str) -> None:
