@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
 from typing import Literal
@@ -128,28 +128,38 @@ class Reminders:
         owner: str,
         rng: random.Random | None = None,
         on_accepted: Callable[[ReminderMail], None] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),  # real time
     ) -> None:
         self.store = store
         self.smtp = smtp
         self.owner = owner
         self.rng = rng or random.Random()
         self.on_accepted = on_accepted
+        self.clock = clock
 
     async def run_once(
-        self, now: datetime, tenant: str | None = None, *, force: bool = False
+        self,
+        now: datetime | None = None,
+        tenant: str | None = None,
+        *,
+        force: bool = False,
     ) -> Pass:
-        """Claim what is due at ``now``, then attempt every ready mail.
+        """Claim what is due, then attempt every ready mail.
 
-        ``force`` retries failed mails without waiting out their backoff.
+        At ``now`` if given (a virtual clock); otherwise each attempt reads
+        the clock afresh, so that a pass held up by a slow server never
+        takes or records a mail on a stale instant. ``force`` retries
+        failed mails without waiting out their backoff.
         """
         done = Pass()
+        clock = self.clock if now is None else lambda: now
         tenants = [t for t in await self.store.tenants() if tenant in (None, t.id)]
         for t in tenants:
-            claim = await self.claim(t, now)
+            claim = await self.claim(t, clock())
             if claim is not None:
                 done.claimed.append(claim)
         for mail in await self.store.reminder_mails(tenant, open_only=True):
-            await self._attempt(mail, now, force, done)
+            await self._attempt(mail, clock, force, done)
         return done
 
     async def claim(self, tenant: Tenant, now: datetime) -> ReminderMail | None:
@@ -186,8 +196,13 @@ class Reminders:
         return claim if await self.store.claim_reminder(claim) else None
 
     async def _attempt(
-        self, mail: ReminderMail, now: datetime, force: bool, done: Pass
+        self,
+        mail: ReminderMail,
+        clock: Callable[[], datetime],
+        force: bool,
+        done: Pass,
     ) -> None:
+        now = clock()
         taken = await self.store.take_reminder(
             mail.mail, now, now + HOLD, self.owner, force=force
         )
@@ -201,13 +216,14 @@ class Reminders:
         try:
             await deliver(self.smtp, taken)
         except MailError as exc:
+            now = clock()
             retry_at = now + retry_delay(taken.attempts, self.rng)
             await self.store.reminder_failed(taken.mail, now, retry_at, str(exc))
             done.failed.append((taken, str(exc)))
             return
         if self.on_accepted is not None:
             self.on_accepted(taken)
-        await self.store.reminder_sent(taken.mail, now)
+        await self.store.reminder_sent(taken.mail, clock())
         done.sent.append(taken)
 
     async def _overtaken(self, mail: ReminderMail, now: datetime) -> str | None:

@@ -51,17 +51,18 @@ async def remind(settings: Settings, clock: Clock = system_clock) -> None:
     )  # fmt: skip
     store = await SqliteStore.open(settings.database, create=False)
     try:
-        sender = Reminders(store, smtp, owner=f"gateway {settings.gateway_id}")
+        owner = f"gateway {settings.gateway_id}"
+        sender = Reminders(store, smtp, owner, clock=clock)
         while True:
-            await _one_pass(sender, clock)
+            await _one_pass(sender)
             await asyncio.sleep(settings.smtp_check_seconds)
     finally:
         await store.close()
 
 
-async def _one_pass(sender: Reminders, clock: Clock) -> None:
+async def _one_pass(sender: Reminders) -> None:
     try:
-        done = await sender.run_once(clock())
+        done = await sender.run_once()
     except IrmError as exc:
         # The store was busy, or a tenant's data was refused: next pass.
         log.warning("reminder pass failed", error=str(exc))
