@@ -21,7 +21,7 @@ import click
 import structlog
 from click.core import ParameterSource
 
-from gateway import logs, metrics, web
+from gateway import logs, metrics, reminders, web
 from gateway.config import ENV_PREFIX, ConfigError, Loaded, Settings, load, shown
 from gateway.service import Gateway
 from policy.errors import IrmError
@@ -39,6 +39,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     store = await SqliteStore.open(settings.database, create=False)
+    reminding = asyncio.create_task(reminders.remind(settings), name="reminders")
     try:
         gateway = Gateway(settings, store)
         async with (
@@ -47,6 +48,7 @@ async def serve(settings: Settings) -> None:
         ):
             await gateway.run(stop)
     finally:
+        await reminders.stop(reminding)
         await store.close()
 
 
@@ -68,6 +70,13 @@ OPTIONS = [
     ("log_level", "[debug|info|warning|error]", "info: one line per decision."),
     ("http_host", "HOST", "Address of /metrics, /healthz, /readyz, /status."),
     ("http_port", "PORT", "Their port [default: none, no HTTP server]."),
+    ("smtp_host", "HOST", "Mail server for expiry reminders (none: off)."),
+    ("smtp_port", "PORT", "Its port."),
+    ("smtp_tls", "[starttls|implicit|none]", "STARTTLS, TLS from the start, or none."),
+    ("smtp_username", "NAME", "Account on the mail server."),
+    ("smtp_password", "SECRET", "Its password (never logged)."),
+    ("smtp_from", "ADDRESS", "Sender address of the reminders."),
+    ("smtp_check_seconds", "SECONDS", "How often due reminders are looked for."),
 ]
 
 

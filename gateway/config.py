@@ -113,6 +113,29 @@ class Settings(BaseSettings):
         description="a number from 0 to below alarm_on_percent",
     )
 
+    # Expiry reminders by e-mail (gateway/reminders.py): off without a host.
+    smtp_host: str | None = None
+    smtp_port: int = Field(
+        587, ge=1, le=65535, description="a whole number from 1 to 65535"
+    )
+    smtp_tls: Literal["starttls", "implicit", "none"] = Field(
+        "starttls", description="one of starttls, implicit, none"
+    )
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = Field(
+        "irm-gateway@localhost",
+        pattern=r"^[^@\s<>]+@[^@\s<>]+$",
+        description="one address, name@domain, that the server accepts as sender",
+    )
+    smtp_check_seconds: float = Field(
+        60.0,
+        ge=1,
+        le=86_400,
+        allow_inf_nan=False,
+        description="a finite number from 1 to 86400",
+    )
+
     @field_validator("alarm_off_percent")
     @classmethod
     def _below_on(cls, value: float, info: ValidationInfo) -> float:

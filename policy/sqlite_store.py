@@ -29,9 +29,10 @@ from policy.admission import (
     Place,
     SeatChanged,
 )
+from policy.codes import fingerprint
 from policy.errors import RuleViolation, StoreError
 from policy.licenses import Kind, License, State
-from policy.store import AuditEntry, RouterRow, Tenant
+from policy.store import AuditEntry, ReminderMail, ReminderStep, RouterRow, Tenant
 from policy.timeutil import from_text, to_text
 
 SCHEMA = [
@@ -92,6 +93,40 @@ SCHEMA = [
         tenant  TEXT NOT NULL,
         at      TEXT NOT NULL
     );
+    """,
+    # version 2: expiry reminders
+    """
+    CREATE TABLE contacts (
+        tenant    TEXT NOT NULL REFERENCES tenants(tenant),
+        address   TEXT NOT NULL,
+        added_at  TEXT NOT NULL,
+        PRIMARY KEY (tenant, address)
+    );
+    CREATE TABLE reminder_mails (
+        mail             TEXT PRIMARY KEY,  -- policy.reminders.mail_key
+        tenant           TEXT NOT NULL REFERENCES tenants(tenant),
+        state            TEXT NOT NULL,     -- waiting, sending, sent, dropped
+        recipients       TEXT NOT NULL,     -- JSON list
+        message          BLOB NOT NULL,     -- as composed: a resend is the same
+        claimed_at       TEXT NOT NULL,
+        claimed_by       TEXT NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  TEXT NOT NULL,
+        sent_at          TEXT,
+        last_error       TEXT
+    );
+    CREATE INDEX reminder_mails_open ON reminder_mails(state)
+        WHERE state IN ('waiting', 'sending');
+    CREATE TABLE reminders (
+        license     TEXT NOT NULL,
+        days        INTEGER NOT NULL,
+        tenant      TEXT NOT NULL,
+        mail        TEXT NOT NULL REFERENCES reminder_mails(mail),
+        due_at      TEXT NOT NULL,
+        expires_at  TEXT NOT NULL,
+        PRIMARY KEY (license, days)         -- one claim per license and step
+    );
+    CREATE INDEX reminders_by_tenant ON reminders(tenant);
     """,
 ]
 
@@ -461,6 +496,213 @@ class SqliteStore:
         row = await _one(self._db, "PRAGMA data_version")
         assert row is not None
         return int(row[0])
+
+    # -- contacts and reminders ------------------------------------------------
+
+    async def add_contacts(
+        self, tenant: str, addresses: Sequence[str], now: datetime, actor: str
+    ) -> list[str]:
+        stamp = to_text(now)
+        async with self._write() as db:
+            known = set(await self._contacts(db, tenant))
+            new = [a for a in dict.fromkeys(addresses) if a not in known]
+            await db.executemany(
+                "INSERT INTO contacts VALUES (?, ?, ?)",
+                [(tenant, a, stamp) for a in new],
+            )
+            await _audit_many(
+                db,
+                [(stamp, tenant, "tenant", tenant, "contact_added",
+                  json.dumps({"address": a}), actor) for a in new],
+            )  # fmt: skip
+        return new
+
+    async def remove_contacts(
+        self, tenant: str, addresses: Sequence[str], now: datetime, actor: str
+    ) -> list[str]:
+        stamp = to_text(now)
+        async with self._write() as db:
+            known = set(await self._contacts(db, tenant))
+            gone = [a for a in dict.fromkeys(addresses) if a in known]
+            await db.executemany(
+                "DELETE FROM contacts WHERE tenant = ? AND address = ?",
+                [(tenant, a) for a in gone],
+            )
+            await _audit_many(
+                db,
+                [(stamp, tenant, "tenant", tenant, "contact_removed",
+                  json.dumps({"address": a}), actor) for a in gone],
+            )  # fmt: skip
+        return gone
+
+    async def contacts(self, tenant: str) -> list[str]:
+        return await self._contacts(self._db, tenant)
+
+    @staticmethod
+    async def _contacts(db: aiosqlite.Connection, tenant: str) -> list[str]:
+        rows = await db.execute_fetchall(
+            "SELECT address FROM contacts WHERE tenant = ? ORDER BY address", (tenant,)
+        )
+        return [r[0] for r in rows]
+
+    async def reminder_steps(self, tenant: str) -> dict[str, int]:
+        """Per license, the fewest days before expiry of any claimed reminder."""
+        rows = await self._db.execute_fetchall(
+            "SELECT license, MIN(days) FROM reminders WHERE tenant = ?"
+            " GROUP BY license",
+            (tenant,),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def claim_reminder(self, claim: ReminderMail) -> bool:
+        """Record a mail and its steps, unless any step (or a later one) is
+        claimed already: then nothing is written and the answer is False.
+
+        One write transaction: of two senders racing for the same steps,
+        the second sees the first's claim (and the primary key of
+        ``reminders`` would refuse it anyway).
+        """
+        async with self._write() as db:
+            for step in claim.steps:
+                row = await _one(
+                    db, "SELECT MIN(days) FROM reminders WHERE license = ?",
+                    (step.license,),
+                )  # fmt: skip
+                if row is not None and row[0] is not None and row[0] <= step.days:
+                    return False
+            await db.execute(
+                "INSERT INTO reminder_mails (mail, tenant, state, recipients,"
+                " message, claimed_at, claimed_by, next_attempt_at)"
+                " VALUES (?, ?, 'waiting', ?, ?, ?, ?, ?)",
+                (claim.mail, claim.tenant, json.dumps(list(claim.recipients)),
+                 claim.message, to_text(claim.claimed_at), claim.claimed_by,
+                 to_text(claim.next_attempt_at)),
+            )  # fmt: skip
+            await db.executemany(
+                "INSERT INTO reminders VALUES (?, ?, ?, ?, ?, ?)",
+                [(s.license, s.days, claim.tenant, claim.mail, to_text(s.due_at),
+                  to_text(s.expires_at)) for s in claim.steps],
+            )  # fmt: skip
+        return True
+
+    async def take_reminder(
+        self, mail: str, now: datetime, until: datetime, owner: str, *, force: bool
+    ) -> ReminderMail | None:
+        """Start an attempt at ``mail`` if it is due (or ``force``), else None.
+
+        Due means waiting with its retry time come, or sending with its
+        holder's time run out (that sender died). ``force`` skips a retry's
+        wait, never another sender's hold. The attempt holds the mail until
+        ``until``.
+        """
+        async with self._write() as db:
+            found = await self._mails(db, "mail = ?", (mail,))
+            if not found or not _ready(found[0], now, force):
+                return None
+            await db.execute(
+                "UPDATE reminder_mails SET state = 'sending', claimed_by = ?,"
+                " attempts = attempts + 1, next_attempt_at = ? WHERE mail = ?",
+                (owner, to_text(until), mail),
+            )
+            taken = await self._mails(db, "mail = ?", (mail,))
+        return taken[0]
+
+    async def reminder_sent(self, mail: str, now: datetime) -> None:
+        stamp = to_text(now)
+        async with self._write() as db:
+            found = await self._mails(db, "mail = ?", (mail,))
+            await db.execute(
+                "UPDATE reminder_mails SET state = 'sent', sent_at = ?,"
+                " last_error = NULL WHERE mail = ?",
+                (stamp, mail),
+            )
+            await _audit_many(
+                db,
+                [(stamp, m.tenant, "license", s.license, "reminder_sent",
+                  json.dumps({"days": s.days, "mail": mail,
+                              "to": list(m.recipients)}), m.claimed_by)
+                 for m in found for s in m.steps],
+            )  # fmt: skip
+
+    async def reminder_failed(
+        self, mail: str, now: datetime, retry_at: datetime, error: str
+    ) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE reminder_mails SET state = 'waiting', next_attempt_at = ?,"
+                " last_error = ? WHERE mail = ? AND state != 'sent'",
+                (to_text(retry_at), error, mail),
+            )
+
+    async def reminder_dropped(self, mail: str, now: datetime, why: str) -> None:
+        async with self._write() as db:
+            await db.execute(
+                "UPDATE reminder_mails SET state = 'dropped', last_error = ?,"
+                " next_attempt_at = ? WHERE mail = ? AND state != 'sent'",
+                (why, to_text(now), mail),
+            )
+
+    async def reminder_mails(
+        self, tenant: str | None = None, *, open_only: bool = False
+    ) -> list[ReminderMail]:
+        where, params = ("tenant = ?", (tenant,)) if tenant else ("1", ())
+        if open_only:
+            where += " AND state IN ('waiting', 'sending')"
+        return await self._mails(self._db, where, params)
+
+    async def fingerprints(self, license_ids: Collection[str]) -> dict[str, str]:
+        """Each license's code as :func:`policy.codes.fingerprint` names it."""
+        found: dict[str, str] = {}
+        for lid in license_ids:
+            row = await _one(self._db, "SELECT code FROM licenses WHERE id = ?", (lid,))
+            if row is not None:
+                found[lid] = fingerprint(row[0])
+        return found
+
+    @staticmethod
+    async def _mails(
+        db: aiosqlite.Connection, where: str, params: tuple[Any, ...]
+    ) -> list[ReminderMail]:
+        rows = await db.execute_fetchall(
+            "SELECT mail, tenant, state, recipients, message, claimed_at,"
+            " claimed_by, attempts, next_attempt_at, sent_at, last_error"
+            f" FROM reminder_mails WHERE {where} ORDER BY claimed_at, mail",
+            params,
+        )
+        mails = []
+        for row in rows:
+            steps = await db.execute_fetchall(
+                "SELECT license, days, due_at, expires_at FROM reminders"
+                " WHERE mail = ? ORDER BY expires_at, license",
+                (row[0],),
+            )
+            mails.append(_mail(row, steps))
+        return mails
+
+
+def _ready(mail: ReminderMail, now: datetime, force: bool) -> bool:
+    if mail.state == "waiting":
+        return force or mail.next_attempt_at <= now
+    return mail.state == "sending" and mail.next_attempt_at <= now
+
+
+def _mail(row: Sequence[Any], steps: Iterable[Sequence[Any]]) -> ReminderMail:
+    return ReminderMail(
+        mail=row[0],
+        tenant=row[1],
+        state=row[2],
+        recipients=tuple(json.loads(row[3])),
+        message=bytes(row[4]),
+        claimed_at=_instant(row[5]),
+        claimed_by=row[6],
+        attempts=row[7],
+        next_attempt_at=_instant(row[8]),
+        sent_at=from_text(row[9]),
+        last_error=row[10],
+        steps=tuple(
+            ReminderStep(s[0], s[1], _instant(s[2]), _instant(s[3])) for s in steps
+        ),
+    )
 
 
 class _Writes:

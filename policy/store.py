@@ -57,6 +57,41 @@ class AuditEntry:
     actor: str
 
 
+@dataclass(frozen=True, slots=True)
+class ReminderStep:
+    """One license's reminder step, as one mail carries it."""
+
+    license: str
+    days: int
+    due_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReminderMail:
+    """One reminder mail and how far its sending got.
+
+    ``state`` is ``waiting`` (claimed; the next attempt is due at
+    ``next_attempt_at``), ``sending`` (an attempt holds it until
+    ``next_attempt_at``; past that its sender is taken to have died),
+    ``sent`` (the server accepted it) or ``dropped`` (a later step made it
+    pointless before it could be sent; ``last_error`` says why).
+    """
+
+    mail: str
+    tenant: str
+    state: str
+    recipients: tuple[str, ...]
+    message: bytes
+    claimed_at: datetime
+    claimed_by: str
+    attempts: int
+    next_attempt_at: datetime
+    sent_at: datetime | None
+    last_error: str | None
+    steps: tuple[ReminderStep, ...]
+
+
 class Store(Protocol):
     """Everything the gateway and the tool ask of durable storage."""
 
@@ -114,3 +149,35 @@ class Store(Protocol):
     async def changes_after(self, seq: int) -> tuple[int, set[str]]: ...
 
     async def poll_version(self) -> int: ...
+
+    async def add_contacts(
+        self, tenant: str, addresses: Sequence[str], now: datetime, actor: str
+    ) -> list[str]: ...
+
+    async def remove_contacts(
+        self, tenant: str, addresses: Sequence[str], now: datetime, actor: str
+    ) -> list[str]: ...
+
+    async def contacts(self, tenant: str) -> list[str]: ...
+
+    async def reminder_steps(self, tenant: str) -> dict[str, int]: ...
+
+    async def claim_reminder(self, claim: ReminderMail) -> bool: ...
+
+    async def take_reminder(
+        self, mail: str, now: datetime, until: datetime, owner: str, *, force: bool
+    ) -> ReminderMail | None: ...
+
+    async def reminder_sent(self, mail: str, now: datetime) -> None: ...
+
+    async def reminder_failed(
+        self, mail: str, now: datetime, retry_at: datetime, error: str
+    ) -> None: ...
+
+    async def reminder_dropped(self, mail: str, now: datetime, why: str) -> None: ...
+
+    async def reminder_mails(
+        self, tenant: str | None = None, *, open_only: bool = False
+    ) -> list[ReminderMail]: ...
+
+    async def fingerprints(self, license_ids: Collection[str]) -> dict[str, str]: ...

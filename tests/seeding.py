@@ -7,6 +7,7 @@ Licenses are minted with the demo vendor key and verified like imports.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,3 +78,30 @@ async def add_available(
     finally:
         await store.close()
     return [lic for lic, _ in items]
+
+
+async def seed_licenses(
+    store: SqliteStore,
+    tenant: str,
+    starts: Sequence[datetime],
+    *,
+    kind: Kind = Kind.BASIC_1,
+    contacts: Sequence[str] = ("ops@acme.example",),
+    routers: int = 0,
+) -> list[License]:
+    """A tenant with one license of ``kind`` activated at each of ``starts``,
+    its reminder ``contacts`` and ``routers`` registered routers."""
+    issued = min(starts) - timedelta(days=10)
+    items = [mint(kind, issued) for _ in starts]
+    items = [(replace(lic, tenant=tenant, imported_at=issued), c) for lic, c in items]
+    await store.add_tenant(tenant, "UTC", issued)
+    await store.add_licenses(tenant, items, issued, "test")
+    pairs = zip(items, starts, strict=True)
+    active = [replace(lic, activation_at=at) for (lic, _), at in pairs]
+    paid_from = paid_since(active)
+    states = {lic.id: state_at(lic, issued, paid_from) for lic in active}
+    await store.save_activations(tenant, active, states, issued, "test")
+    await store.add_contacts(tenant, contacts, issued, "test")
+    names = [f"R{i:02}" for i in range(1, routers + 1)]
+    await store.register_routers(tenant, names, issued, "test")
+    return [replace(lic, tz="UTC") for lic in active]

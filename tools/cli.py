@@ -60,6 +60,7 @@ from policy.timeutil import (
 )
 from tools import keys
 from tools.fleet import fleet_command
+from tools.reminders_cli import contacts_group, reminders_group
 from tools.status import status_command
 
 T = TypeVar("T")
@@ -1344,6 +1345,8 @@ def _write_new(path: Path, data: bytes) -> None:
 
 cli.add_command(fleet_command, "fleet")
 cli.add_command(status_command, "status")
+cli.add_command(contacts_group, "contacts")
+cli.add_command(reminders_group, "reminders")
 
 
 def main() -> None:
