@@ -1,9 +1,15 @@
 """Start Mosquitto from the repository's ``mosquitto.conf`` for tests and demos.
 
-Only what must differ per run is replaced: the listener's port, the
+Only what must differ per run is replaced: the listeners' ports (on
+loopback), the paths of the password file, pid file, TLS files and
 persistence directory, and the user Mosquitto runs as (it drops to user
 ``mosquitto`` when started as root, which could not write a run's
-directory). Everything else is the configuration that ships.
+directory). Everything else, the access rules included, is what ships.
+
+The harness is where a run's credentials come from: at start it makes the
+gateway's and an operator's accounts, a routers' CA and the server's
+certificate, and it provisions routers through tools/accounts.py, the code
+``irm-tool accounts`` runs.
 """
 
 from __future__ import annotations
@@ -11,15 +17,24 @@ from __future__ import annotations
 import getpass
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+from tools import accounts, tls
+
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "mosquitto.conf"
+REPO_ACL = REPO_CONFIG.with_name("mosquitto.acl")
+CONNACK_ACCEPTED = 0
+CONNACK_REFUSED = 5
+"""MQTT 3.1.1 CONNACK return codes: accepted, and not authorised."""
 OPEN_FILES = 65536
 """Mosquitto stops near 1,000 clients with the default open-file limit."""
 
@@ -32,22 +47,63 @@ def free_port() -> int:
         return port
 
 
-def render(port: int, data_dir: Path, source: Path = REPO_CONFIG) -> str:
-    """The repository's configuration with this run's port and directory."""
+def render(
+    ports: tuple[int, ...], data_dir: Path, source: Path = REPO_CONFIG
+) -> str:
+    """The repository's configuration with this run's ports and files.
+
+    ``ports`` replace the listeners' in order (service, routers with a
+    password, routers with TLS), each bound to loopback.
+    """
     text = source.read_text()
-    text, listeners = re.subn(
-        r"^listener\s+\d+(.*)$", rf"listener {port}\1", text, count=1, flags=re.M
-    )
-    if not listeners:
-        raise ValueError(f"{source} has no 'listener PORT' line to replace")
-    text = re.sub(
-        r"^persistence_location\s+.*$",
-        f"persistence_location {data_dir}/",
-        text,
-        flags=re.M,
-    )
+    found = re.findall(r"^listener\s+\d+.*$", text, flags=re.M)
+    if len(found) != len(ports):
+        raise ValueError(f"{source} has {len(found)} listeners, not {len(ports)}")
+    for line, port in zip(found, ports, strict=True):
+        text = text.replace(line, f"listener {port} 127.0.0.1", 1)
+    files = {
+        "persistence_location": f"{data_dir}/",
+        "password_file": str(data_dir / "passwd"),
+        "acl_file": str(REPO_ACL),
+        "pid_file": str(data_dir / "mosquitto.pid"),
+        "cafile": str(data_dir / "tls" / "ca.pem"),
+        "certfile": str(data_dir / "tls" / "server.pem"),
+        "keyfile": str(data_dir / "tls" / "server-key.pem"),
+    }
+    for key, value in files.items():
+        text = re.sub(rf"^{key}\s+.*$", f"{key} {value}", text, flags=re.M)
     text += f"\nuser {getpass.getuser()}\n"
     return text
+
+
+def connack(port: int, username: str, password: str, timeout: float = 2.0) -> int:
+    """The CONNACK return code the broker gives these credentials (MQTT 3.1.1).
+
+    A bare CONNECT on a socket, so that a synchronous harness can poll the
+    broker until a reload has taken effect.
+    """
+    fields = [b"MQTT", f"probe-{secrets.token_hex(4)}".encode()]
+    fields += [username.encode(), password.encode()]
+    strings = [len(f).to_bytes(2, "big") + f for f in fields]
+    header = strings[0] + bytes([4, 0xC2]) + (10).to_bytes(2, "big")
+    body = header + b"".join(strings[1:])
+    with socket.create_connection(("127.0.0.1", port), timeout) as sock:
+        sock.sendall(bytes([0x10]) + _length(len(body)) + body)
+        reply = sock.recv(4)
+    if len(reply) < 4 or reply[0] != 0x20:
+        return CONNACK_REFUSED
+    code: int = reply[3]
+    return code
+
+
+def _length(value: int) -> bytes:
+    """MQTT's variable-length remaining length."""
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def mosquitto_binary() -> str:
@@ -69,19 +125,36 @@ def _raise_open_files() -> None:
 
 
 class Broker:
-    """A Mosquitto process on loopback, restartable with the same state."""
+    """A Mosquitto process on loopback, restartable with the same state.
+
+    ``port`` is the service listener (gateway, operators, consumers),
+    ``router_port`` the routers' password listener, ``tls_port`` the
+    routers' TLS listener. ``gateway`` and ``admin`` are the service
+    accounts' (user, password), made at the first start.
+    """
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.router_port = free_port()
+        self.tls_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.config = data_dir / "mosquitto.conf"
         self.log = data_dir / "mosquitto.log"
+        self.pid_file = data_dir / "mosquitto.pid"
+        self.password_file = data_dir / "passwd"
+        self.tls_dir = data_dir / "tls"
+        self.gateway = (accounts.GATEWAY, accounts.new_password())
+        self.admin = (accounts.ADMIN, accounts.new_password())
+        self.passwords: dict[str, str] = dict([self.gateway, self.admin])
+        self._pending: list[str] = []
 
     def start(self, timeout: float = 10.0) -> None:
         """Start and wait until the port accepts connections."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(render(self.port, self.data_dir))
+        self._first_files()
+        ports = (self.port, self.router_port, self.tls_port)
+        self.config.write_text(render(ports, self.data_dir))
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [mosquitto_binary(), "-c", str(self.config)],
@@ -100,6 +173,73 @@ class Broker:
             else:
                 return
         raise TimeoutError(f"mosquitto did not listen on {self.port} in {timeout}s")
+
+    def _first_files(self) -> None:
+        """The service accounts, the routers' CA and the server's certificate."""
+        if not self.password_file.exists():
+            passwords = accounts.PasswordFile(self.password_file)
+            passwords.set_many(self.passwords)
+            passwords.save()
+        if not (self.tls_dir / "ca.pem").exists():
+            ca = tls.make_ca(self.tls_dir)
+            tls.issue(ca, self.tls_dir, "server", "localhost", server=True)
+
+    def router_password(self, tenant: str, router: str) -> str:
+        """The router's password, made on first use; :meth:`flush` tells the
+        broker, so that a whole fleet made at once costs one reload."""
+        user = accounts.router_account(tenant, router)
+        if user not in self.passwords:
+            self.passwords[user] = accounts.new_password()
+            self._pending.append(user)
+        return self.passwords[user]
+
+    def provision(self, tenant: str, routers: list[str]) -> dict[str, str]:
+        """Passwords of many routers, known to the broker on return."""
+        made = {name: self.router_password(tenant, name) for name in routers}
+        self.flush()
+        return made
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Write the accounts made since the last call, reload, wait for them."""
+        if not self._pending:
+            return
+        last = self._pending[-1]
+        passwords = accounts.PasswordFile(self.password_file)
+        passwords.set_many({user: self.passwords[user] for user in self._pending})
+        passwords.save()
+        self._pending.clear()
+        self._reload_until(last, self.passwords[last], CONNACK_ACCEPTED, timeout)
+
+    def revoke(self, user: str, timeout: float = 10.0) -> None:
+        """Remove an account, reload, and wait until the broker refuses it."""
+        password = self.passwords.pop(user)
+        passwords = accounts.PasswordFile(self.password_file)
+        passwords.remove([user])
+        passwords.save()
+        self._reload_until(user, password, CONNACK_REFUSED, timeout)
+
+    def _reload_until(
+        self, user: str, password: str, wanted: int, timeout: float
+    ) -> None:
+        accounts.reload_broker(self.pid_file)
+        deadline = time.monotonic() + timeout
+        while connack(self.port, user, password) != wanted:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the broker did not reload {user} in {timeout}s")
+            time.sleep(0.02)
+
+    def router_cert(self, tenant: str, router: str) -> tls.Issued:
+        """A client certificate for one router, signed by the routers' CA."""
+        ca = tls.Issued(self.tls_dir / "ca.pem", self.tls_dir / "ca-key.pem")
+        name = accounts.router_account(tenant, router)
+        return tls.issue(ca, self.tls_dir, f"router-{tenant}-{router}", name)
+
+    def tls_context(self, cert: tls.Issued | None) -> ssl.SSLContext:
+        """A client's TLS context trusting the routers' CA, with ``cert`` if any."""
+        context = ssl.create_default_context(cafile=str(self.tls_dir / "ca.pem"))
+        if cert is not None:
+            context.load_cert_chain(cert.cert, cert.key)
+        return context
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop (SIGTERM saves the persistent state; ``kill`` does not)."""

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -30,6 +31,7 @@ from rich.table import Table
 
 from gateway import protocol
 from gateway.protocol import Decision
+from tools import accounts
 from tools.load import LoadSpec, Mode, Summary, run_load
 from tools.router import SimRouter
 
@@ -71,6 +73,17 @@ class FleetReport:
 def _told(decision: Decision) -> tuple[str, str, str | None]:
     # Not the position: a router moving up the line has not changed state.
     return decision.decision, decision.reason.value, decision.tier
+
+
+def _login(
+    tenant: str, router: str, passwords: Mapping[str, str] | None
+) -> dict[str, str]:
+    if passwords is None:
+        return {}
+    return {
+        "username": accounts.router_account(tenant, router),
+        "password": passwords[router],
+    }
 
 
 def router_names(count: int, prefix: str = "R") -> list[str]:
@@ -115,10 +128,18 @@ async def run_fleet(
     hold: float = 0.0,
     goodbye: bool = True,
     timeout: float = 10.0,
+    passwords: Mapping[str, str] | None = None,
 ) -> FleetReport:
-    """Connect the fleet, say hello, hold, leave; report what each was told."""
+    """Connect the fleet, say hello, hold, leave; report what each was told.
+
+    ``passwords`` holds each router's broker password; its account is
+    ``{tenant}/{router}`` (tools/accounts.py).
+    """
     report = FleetReport()
-    routers = [SimRouter(host, port, tenant, name, prefix) for name in names]
+    routers = [
+        SimRouter(host, port, tenant, name, prefix, **_login(tenant, name, passwords))
+        for name in names
+    ]
 
     async def one(router: SimRouter) -> None:
         await router.connect()

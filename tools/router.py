@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,11 @@ class Heard:
 
 @dataclass(slots=True)
 class SimRouter:
-    """One router. ``client_id`` defaults to ``tenant.router``."""
+    """One router. ``client_id`` defaults to ``tenant.router``.
+
+    It logs in with ``username`` and ``password`` when given, and speaks
+    TLS when given an ``ssl`` context (with its client certificate).
+    """
 
     host: str
     port: int
@@ -56,6 +61,12 @@ class SimRouter:
     prefix: str = protocol.PREFIX
     mqtt5: bool = True
     client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ssl: ssl.SSLContext | None = None
+    before_connect: Callable[[], None] | None = None
+    """Called first by :meth:`connect`, e.g. to have the broker learn the
+    credentials of a whole fleet at once."""
     session: str = field(default_factory=lambda: secrets.token_hex(6))
     heard: asyncio.Queue[Heard] = field(default_factory=asyncio.Queue)
     on_heard: Callable[[Heard], None] | None = None
@@ -68,6 +79,8 @@ class SimRouter:
 
     async def connect(self, *, will: bool = True, keepalive: int = 60) -> None:
         """Open the connection with this session's goodbye as last will."""
+        if self.before_connect is not None:
+            self.before_connect()
         will_message = None
         if will:
             body = Goodbye(v=1, session=self.session, will=True)
@@ -80,8 +93,16 @@ class SimRouter:
             will_message=will_message,
         )
         client.on_message = self._on_message
+        if self.username is not None:
+            client.set_auth_credentials(self.username, self.password)
         version = MQTTv50 if self.mqtt5 else MQTTv311
-        await client.connect(self.host, self.port, keepalive=keepalive, version=version)
+        await client.connect(
+            self.host,
+            self.port,
+            keepalive=keepalive,
+            version=version,
+            ssl=self.ssl or False,
+        )
         client.subscribe(self.topic("reply"), qos=1)
         self._client = client
 
