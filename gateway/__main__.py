@@ -67,6 +67,14 @@ option = functools.partial(click.option, show_envvar=True)
     help="A last will holds the seat this (0 to 3600).",
 )  # fmt: skip
 @option(
+    "--hello-rate", default="1", metavar="PER_SECOND",
+    help="Hellos a second one router may send after its burst; more are refused.",
+)  # fmt: skip
+@option(
+    "--hello-burst", default="10", metavar="COUNT",
+    help="Hellos one router may send at once before --hello-rate applies.",
+)  # fmt: skip
+@option(
     "--log-format", default="auto", type=click.Choice(["auto", "json", "console"]),
 )  # fmt: skip
 @option(

@@ -27,7 +27,7 @@ NOW = datetime(2026, 12, 3, 16, 38, 39, 412_000, tzinfo=UTC)
 OPTIONS = (
     "broker_host", "broker_port", "broker_username", "broker_password",
     "database", "prefix", "gateway_id", "lease_seconds", "grace_seconds",
-    "log_format", "log_level", "uvloop",
+    "log_format", "log_level", "uvloop", "hello_rate", "hello_burst",
 )  # fmt: skip
 # The tests must not pick up a setting from the shell.
 CLEAN_ENV: dict[str, str | None] = {f"IRM_{name.upper()}": None for name in OPTIONS}

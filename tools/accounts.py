@@ -18,11 +18,15 @@ when it is made, and never stored.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 import signal
+import socket
+import ssl
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -36,6 +40,9 @@ SALT_BYTES = 12
 GATEWAY = "_gateway"
 ADMIN = "_admin"
 SERVICE_ACCOUNTS = (GATEWAY, ADMIN)
+CONNACK_ACCEPTED = 0
+CONNACK_REFUSED = 5
+"""MQTT 3.1.1 CONNACK return codes: accepted, and not authorised."""
 
 
 class BrokerError(IrmError):
@@ -144,3 +151,76 @@ def reload_broker(pid_file: Path) -> int:
             f"cannot reload the broker from pid file {pid_file}: {exc}"
         ) from exc
     return pid
+
+
+def connack(
+    host: str, port: int, username: str, password: str, timeout: float = 2.0,
+    tls: ssl.SSLContext | None = None,
+) -> int:  # fmt: skip
+    """The CONNACK return code the broker gives these credentials (MQTT 3.1.1).
+
+    A bare CONNECT on a socket, so that the tool and the test harness can
+    poll the broker until a reload has taken effect. Over ``tls``, a
+    handshake the broker refuses counts as not authorised.
+    """
+    fields = [b"MQTT", f"probe-{secrets.token_hex(4)}".encode()]
+    fields += [username.encode(), password.encode()]
+    strings = [len(f).to_bytes(2, "big") + f for f in fields]
+    header = strings[0] + bytes([4, 0xC2]) + (10).to_bytes(2, "big")
+    body = header + b"".join(strings[1:])
+    try:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((host, port), timeout))
+            if tls is not None:
+                sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=host))
+            sock.sendall(bytes([0x10]) + _length(len(body)) + body)
+            reply = sock.recv(4)
+    except (ssl.SSLError, ConnectionResetError):
+        if tls is None:
+            raise
+        return CONNACK_REFUSED
+    if len(reply) < 4 or reply[0] != 0x20:
+        return CONNACK_REFUSED
+    code: int = reply[3]
+    return code
+
+
+def _length(value: int) -> bytes:
+    """MQTT's variable-length remaining length."""
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def wait_for_reload(
+    host: str, port: int, login: tuple[str, str], wanted: int, timeout: float = 10.0
+) -> None:
+    """Poll until the broker answers ``login`` with ``wanted`` (a CONNACK code).
+
+    A reload takes effect a moment after the signal; a new account's first
+    connect, or a revoked one's refusal, says that it has.
+    """
+    deadline = time.monotonic() + timeout
+    while connack(host, port, *login) != wanted:
+        if time.monotonic() > deadline:
+            raise BrokerError(
+                f"the broker on {host}:{port} did not take the change of "
+                f"{login[0]!r} within {timeout} s"
+            )
+        time.sleep(0.02)
+
+
+def provision(
+    password_file: Path, pid_file: Path, wanted: Mapping[str, str],
+    probe: tuple[str, int],
+) -> None:  # fmt: skip
+    """Write many accounts at once, reload once, and wait until they work."""
+    passwords = PasswordFile(password_file)
+    passwords.set_many(wanted)
+    passwords.save()
+    reload_broker(pid_file)
+    last = list(wanted.items())[-1]
+    wait_for_reload(*probe, last, CONNACK_ACCEPTED)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import getpass
 import re
 import resource
-import secrets
 import shutil
 import signal
 import socket
@@ -25,16 +24,12 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 from tools import accounts, tls
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "mosquitto.conf"
 REPO_ACL = REPO_CONFIG.with_name("mosquitto.acl")
-CONNACK_ACCEPTED = 0
-CONNACK_REFUSED = 5
-"""MQTT 3.1.1 CONNACK return codes: accepted, and not authorised."""
 OPEN_FILES = 65536
 """Mosquitto stops near 1,000 clients with the default open-file limit."""
 
@@ -47,9 +42,7 @@ def free_port() -> int:
         return port
 
 
-def render(
-    ports: tuple[int, ...], data_dir: Path, source: Path = REPO_CONFIG
-) -> str:
+def render(ports: tuple[int, ...], data_dir: Path, source: Path = REPO_CONFIG) -> str:
     """The repository's configuration with this run's ports and files.
 
     ``ports`` replace the listeners' in order (service, routers with a
@@ -74,36 +67,6 @@ def render(
         text = re.sub(rf"^{key}\s+.*$", f"{key} {value}", text, flags=re.M)
     text += f"\nuser {getpass.getuser()}\n"
     return text
-
-
-def connack(port: int, username: str, password: str, timeout: float = 2.0) -> int:
-    """The CONNACK return code the broker gives these credentials (MQTT 3.1.1).
-
-    A bare CONNECT on a socket, so that a synchronous harness can poll the
-    broker until a reload has taken effect.
-    """
-    fields = [b"MQTT", f"probe-{secrets.token_hex(4)}".encode()]
-    fields += [username.encode(), password.encode()]
-    strings = [len(f).to_bytes(2, "big") + f for f in fields]
-    header = strings[0] + bytes([4, 0xC2]) + (10).to_bytes(2, "big")
-    body = header + b"".join(strings[1:])
-    with socket.create_connection(("127.0.0.1", port), timeout) as sock:
-        sock.sendall(bytes([0x10]) + _length(len(body)) + body)
-        reply = sock.recv(4)
-    if len(reply) < 4 or reply[0] != 0x20:
-        return CONNACK_REFUSED
-    code: int = reply[3]
-    return code
-
-
-def _length(value: int) -> bytes:
-    """MQTT's variable-length remaining length."""
-    out = bytearray()
-    while True:
-        value, digit = divmod(value, 128)
-        out.append(digit | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def mosquitto_binary() -> str:
@@ -208,7 +171,9 @@ class Broker:
         passwords.set_many({user: self.passwords[user] for user in self._pending})
         passwords.save()
         self._pending.clear()
-        self._reload_until(last, self.passwords[last], CONNACK_ACCEPTED, timeout)
+        self._reload_until(
+            last, self.passwords[last], accounts.CONNACK_ACCEPTED, timeout
+        )
 
     def revoke(self, user: str, timeout: float = 10.0) -> None:
         """Remove an account, reload, and wait until the broker refuses it."""
@@ -216,17 +181,15 @@ class Broker:
         passwords = accounts.PasswordFile(self.password_file)
         passwords.remove([user])
         passwords.save()
-        self._reload_until(user, password, CONNACK_REFUSED, timeout)
+        self._reload_until(user, password, accounts.CONNACK_REFUSED, timeout)
 
     def _reload_until(
         self, user: str, password: str, wanted: int, timeout: float
     ) -> None:
         accounts.reload_broker(self.pid_file)
-        deadline = time.monotonic() + timeout
-        while connack(self.port, user, password) != wanted:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the broker did not reload {user} in {timeout}s")
-            time.sleep(0.02)
+        accounts.wait_for_reload(
+            "127.0.0.1", self.port, (user, password), wanted, timeout
+        )
 
     def router_cert(self, tenant: str, router: str) -> tls.Issued:
         """A client certificate for one router, signed by the routers' CA."""

@@ -59,6 +59,7 @@ from policy.timeutil import (
     zone,
 )
 from tools import keys
+from tools.accounts_cli import accounts_group
 from tools.fleet import fleet_command
 
 T = TypeVar("T")
@@ -1342,6 +1343,7 @@ def _write_new(path: Path, data: bytes) -> None:
 # -- the rest ---------------------------------------------------------------------
 
 cli.add_command(fleet_command, "fleet")
+cli.add_command(accounts_group, "accounts")
 
 
 def main() -> None:

@@ -9,11 +9,13 @@ heartbeats and report any seat change the gateway announces meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import click
@@ -75,15 +77,33 @@ def _told(decision: Decision) -> tuple[str, str, str | None]:
     return decision.decision, decision.reason.value, decision.tier
 
 
-def _login(
-    tenant: str, router: str, passwords: Mapping[str, str] | None
-) -> dict[str, str]:
+def _router(
+    host: str, port: int, tenant: str, name: str, prefix: str,
+    passwords: Mapping[str, str] | None,
+) -> SimRouter:  # fmt: skip
+    """A router of the fleet, logged in with its account when it has one."""
     if passwords is None:
+        return SimRouter(host, port, tenant, name, prefix)
+    account = accounts.router_account(tenant, name)
+    return SimRouter(
+        host, port, tenant, name, prefix, username=account, password=passwords[name]
+    )
+
+
+def _provision(
+    spec: LoadSpec, password_file: Path | None, pid_file: Path | None
+) -> dict[str, str]:
+    """Accounts for every router of the fleet, known to the broker on return."""
+    if password_file is None:
         return {}
-    return {
-        "username": accounts.router_account(tenant, router),
-        "password": passwords[router],
+    if pid_file is None:
+        raise click.UsageError("--password-file needs --pid-file to reload the broker")
+    wanted = {
+        accounts.router_account(tenant, router): accounts.new_password()
+        for tenant, router in spec.names()
     }
+    accounts.provision(password_file, pid_file, wanted, (spec.host, spec.port))
+    return wanted
 
 
 def router_names(count: int, prefix: str = "R") -> list[str]:
@@ -91,8 +111,15 @@ def router_names(count: int, prefix: str = "R") -> list[str]:
     return [f"{prefix}{i:0{width}d}" for i in range(1, count + 1)]
 
 
-async def wait_for_gateway(host: str, port: int, prefix: str, timeout: float) -> bool:
-    """True once some gateway's retained status says online."""
+async def wait_for_gateway(
+    host: str,
+    port: int,
+    prefix: str,
+    timeout: float,
+    login: tuple[str, str] | None = None,
+) -> bool:
+    """True once some gateway's retained status says online (every router
+    may read it)."""
     online = asyncio.Event()
 
     def on_message(client: object, topic: str, payload: bytes, *rest: object) -> int:
@@ -106,6 +133,8 @@ async def wait_for_gateway(host: str, port: int, prefix: str, timeout: float) ->
 
     client = gmqtt.Client(None)
     client.on_message = on_message
+    if login is not None:
+        client.set_auth_credentials(*login)
     await client.connect(host, port)
     client.subscribe(protocol.status_topic(prefix, "+"), qos=1)
     try:
@@ -136,10 +165,7 @@ async def run_fleet(
     ``{tenant}/{router}`` (tools/accounts.py).
     """
     report = FleetReport()
-    routers = [
-        SimRouter(host, port, tenant, name, prefix, **_login(tenant, name, passwords))
-        for name in names
-    ]
+    routers = [_router(host, port, tenant, n, prefix, passwords) for n in names]
 
     async def one(router: SimRouter) -> None:
         await router.connect()
@@ -362,6 +388,16 @@ def _run_load(spec: LoadSpec, as_json: bool) -> Summary:
 )  # fmt: skip
 @click.option("--heartbeat", default=20.0, show_default=True, help="Seconds between.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per reply.")
+@click.option(
+    "--password-file", envvar="IRM_BROKER_PASSWORD_FILE", show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Give the fleet's routers broker accounts in this password file, "
+    "and reload the broker once (--pid-file) before they connect.",
+)  # fmt: skip
+@click.option(
+    "--pid-file", envvar="IRM_BROKER_PID_FILE", show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path), help="The broker's pid_file.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def fleet_command(
     tenants: tuple[str, ...],
@@ -381,6 +417,8 @@ def fleet_command(
     churn: float,
     heartbeat: float,
     timeout: float,
+    password_file: Path | None,
+    pid_file: Path | None,
     as_json: bool,
 ) -> None:
     """Simulate a fleet of routers, each its own MQTT connection.
@@ -395,8 +433,15 @@ def fleet_command(
                 f"{tenant!r} is not a tenant id (1 to 64 of A-Z a-z 0-9 _ . -)",
                 param_hint="--tenant",
             )
+    spec = LoadSpec(
+        host, port, tenants, count, cast("Mode", mode),
+        processes, connect_rate, duration, rate, churn, heartbeat, timeout,
+        prefix, name_prefix,
+    )  # fmt: skip
+    passwords = _provision(spec, password_file, pid_file)
+    login = next(iter(passwords.items()), None)
     try:
-        online = asyncio.run(wait_for_gateway(host, port, prefix, timeout))
+        online = asyncio.run(wait_for_gateway(host, port, prefix, timeout, login))
     except OSError as exc:
         click.echo(
             f"irm-tool: no MQTT broker on {host}:{port} ({exc.strerror or exc}); "
@@ -408,11 +453,7 @@ def fleet_command(
         click.echo(f"irm-tool: no gateway online on {host}:{port}", err=True)
         sys.exit(1)
     if mode != "table":
-        spec = LoadSpec(
-            host, port, tenants, count, cast("Mode", mode),
-            processes, connect_rate, duration, rate, churn, heartbeat, timeout,
-            prefix, name_prefix,
-        )  # fmt: skip
+        spec = dataclasses.replace(spec, passwords=passwords or None)
         if _run_load(spec, as_json).unanswered:
             sys.exit(1)
         return
@@ -430,6 +471,7 @@ def fleet_command(
             hold=hold,
             goodbye=goodbye,
             timeout=timeout,
+            passwords={a.split("/")[1]: p for a, p in passwords.items()} or None,
         )
     )
     if as_json:

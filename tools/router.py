@@ -152,6 +152,18 @@ class SimRouter:
         assert self._client is not None
         self._client.publish(self.topic(kind), payload, qos=1)
 
+    def publish_to(
+        self, topic: str, payload: bytes | str, *, retain: bool = False, **props: Any
+    ) -> None:
+        """Publish anything on any topic, as a compromised router would try."""
+        assert self._client is not None
+        self._client.publish(topic, payload, qos=1, retain=retain, **props)
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe to any topic; decisions heard there join :attr:`heard`."""
+        assert self._client is not None
+        self._client.subscribe(topic, qos=1)
+
     def heartbeat(self) -> None:
         assert self._client is not None
         body = Heartbeat(v=1, session=self.session)

@@ -50,12 +50,16 @@ def _save(directory: Path, name: str, cert: x509.Certificate, key: object) -> Is
         serialization.NoEncryption(),
     )
     return Issued(
-        _write(directory / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM)),
+        _write(
+            directory / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM)
+        ),
         _write(directory / f"{name}-key.pem", key_pem, secret=True),
     )
 
 
-def _builder(subject: str, issuer: x509.Name, public: object) -> x509.CertificateBuilder:
+def _builder(
+    subject: str, issuer: x509.Name, public: object
+) -> x509.CertificateBuilder:
     now = datetime.now(UTC)
     return (
         x509.CertificateBuilder()
@@ -93,7 +97,9 @@ def issue(
     """A certificate for ``common_name`` signed by ``ca``, saved as ``name``."""
     ca_cert, ca_key = _load(ca)
     key = _key()
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    usage = (
+        ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    )
     builder = _builder(common_name, ca_cert.subject, key.public_key()).add_extension(
         x509.ExtendedKeyUsage([usage]), critical=False
     )
