@@ -75,6 +75,9 @@ class Everything:
                 await self._changed.wait()
 
 
+OFFLINE = '{"v":1,"gateway":"gw1","state":"offline"}'
+
+
 def hello_body(session: str = "forged") -> str:
     return json.dumps({"v": 1, "session": session, "ref": "forged"})
 
@@ -101,7 +104,7 @@ async def test_a_router_cannot_speak_for_another_router_or_tenant(
             f"{PREFIX}/other/R01/hello": hello_body(),
             f"{PREFIX}/other/R01/goodbye": goodbye,
             f"{PREFIX}/acme/R01/reply": "{}",
-            f"{PREFIX}/_gateway/gw1/status": '{"v":1,"gateway":"gw1","state":"offline"}',
+            f"{PREFIX}/_gateway/gw1/status": OFFLINE,
         }
         for topic, payload in forged.items():
             attacker.publish_to(topic, payload)
