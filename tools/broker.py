@@ -191,6 +191,22 @@ class Broker:
             "127.0.0.1", self.port, (user, password), wanted, timeout
         )
 
+    def write_env(self, path: Path) -> None:
+        """Shell variables for a demo: ports, files, the service accounts."""
+        values = {
+            "IRM_BROKER_PORT": self.port,
+            "IRM_ROUTER_PORT": self.router_port,
+            "IRM_TLS_PORT": self.tls_port,
+            "IRM_BROKER_PASSWORD_FILE": self.password_file,
+            "IRM_BROKER_PID_FILE": self.pid_file,
+            "IRM_BROKER_USERNAME": self.gateway[0],
+            "IRM_BROKER_PASSWORD": self.gateway[1],
+            "IRM_ADMIN_USERNAME": self.admin[0],
+            "IRM_ADMIN_PASSWORD": self.admin[1],
+        }
+        path.touch(mode=0o600)
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+
     def router_cert(self, tenant: str, router: str) -> tls.Issued:
         """A client certificate for one router, signed by the routers' CA."""
         ca = tls.Issued(self.tls_dir / "ca.pem", self.tls_dir / "ca-key.pem")
@@ -228,7 +244,10 @@ def main() -> None:
     """``python -m tools.broker DIR [PORT]``: run a broker in the foreground.
 
     SIGTERM and SIGINT stop Mosquitto too, so a script's cleanup leaves no
-    broker behind.
+    broker behind. The run's files are in DIR: ``broker.env`` holds the
+    listeners' ports, the password and pid files, and the gateway's and
+    operator's accounts, for a demo script to source (readable by its owner
+    only; a demo's throwaway accounts).
     """
     data_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("run/broker")
     port = int(sys.argv[2]) if len(sys.argv) > 2 else None
@@ -240,6 +259,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
     broker.start()
+    broker.write_env(data_dir / "broker.env")
     print(f"mosquitto listening on 127.0.0.1:{broker.port}", flush=True)
     try:
         assert broker.process is not None
