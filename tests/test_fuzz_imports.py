@@ -93,7 +93,9 @@ def test_a_forged_altered_or_redeemed_code_changes_nothing(
     bad: str, tenant: str
 ) -> None:
     with seeded_tool() as tool:
-        assert_refused_without_change(tool, "import", "--tenant", tenant, bad, shown=bad)
+        assert_refused_without_change(
+            tool, "import", "--tenant", tenant, bad, shown=bad
+        )
 
 
 def test_a_code_redeemed_elsewhere_is_refused_and_changes_nothing() -> None:
