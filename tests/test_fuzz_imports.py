@@ -55,7 +55,8 @@ def assert_refused_without_change(tool: Tool, *args: str, shown: str = "") -> No
     if result.exit_code == 0:
         return
     assert result.exit_code == 1, result.output
-    assert said and said[0].startswith("irm-tool: "), result.stderr
+    assert said, result.stderr
+    assert said[0].startswith("irm-tool: "), result.stderr
     assert "Traceback" not in result.output
     assert stored(tool) == before
     if len(shown) > 40:
