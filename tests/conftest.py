@@ -116,7 +116,12 @@ class GatewayProcess:
         self.broker = broker
         self.database = database
         self.log = log
-        self.options = {"lease-seconds": 60, "grace-seconds": 2, **options}
+        # Tests say hello again and again from one router to measure or to
+        # provoke; flood control is tested on its own, with its own limits.
+        self.options = {
+            "lease-seconds": 60, "grace-seconds": 2,
+            "hello-burst": 10_000, "hello-rate": 1_000, **options,
+        }  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
         _started.append(self)
 

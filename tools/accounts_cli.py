@@ -21,9 +21,19 @@ from tools import accounts
 
 @dataclass(frozen=True, slots=True)
 class Files:
-    password_file: Path
+    given_password_file: Path | None
     pid_file: Path | None
     as_json: bool
+
+    @property
+    def password_file(self) -> Path:
+        # Checked here, not by click, so that every command's --help works.
+        if self.given_password_file is None:
+            raise click.UsageError(
+                "give --password-file (or IRM_BROKER_PASSWORD_FILE): the broker's "
+                "password_file"
+            )
+        return self.given_password_file
 
 
 pass_files = click.make_pass_decorator(Files)
@@ -31,7 +41,7 @@ pass_files = click.make_pass_decorator(Files)
 
 @click.group("accounts")
 @click.option(
-    "--password-file", required=True, envvar="IRM_BROKER_PASSWORD_FILE",
+    "--password-file", envvar="IRM_BROKER_PASSWORD_FILE",
     type=click.Path(dir_okay=False, path_type=Path), show_envvar=True,
     help="The broker's password_file (mosquitto.conf).",
 )  # fmt: skip
@@ -43,8 +53,9 @@ pass_files = click.make_pass_decorator(Files)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def accounts_group(
-    ctx: click.Context, password_file: Path, pid_file: Path | None, as_json: bool
-) -> None:
+    ctx: click.Context, password_file: Path | None, pid_file: Path | None,
+    as_json: bool,
+) -> None:  # fmt: skip
     """Broker accounts: routers, tenants' consumers, the gateway, operators.
 
     A router is {tenant}/{router}; a tenant's consumers are {tenant}; the
