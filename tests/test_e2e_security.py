@@ -373,3 +373,24 @@ async def test_the_gateway_logs_no_password(broker: Broker, tmp_path: Path) -> N
     assert broker.gateway[1] not in gateway.log.read_text()
     assert broker.gateway[1] not in " ".join(gateway.command())
     assert os.environ.get("IRM_BROKER_PASSWORD") != broker.gateway[1]
+
+
+async def test_a_revoked_certificate_can_no_longer_connect(broker: Broker) -> None:
+    """``irm-tool accounts cert revoke`` lists it as revoked, and the broker
+    rereads the list when the tool reloads it."""
+    context = broker.tls_context(broker.router_cert("acme", "R05"))
+    other = broker.tls_context(broker.router_cert("acme", "R06"))
+    assert accounts.connack("127.0.0.1", broker.tls_port, "", "", tls=context) == 0
+
+    result = subprocess.run(
+        [str(BIN / "irm-tool"), "accounts", "--pid-file", str(broker.pid_file),
+         "cert", "--ca-dir", str(broker.tls_dir), "revoke", "--tenant", "acme", "R05"],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    accounts.wait_for_reload(
+        "127.0.0.1", broker.tls_port, ("", ""), accounts.CONNACK_REFUSED, tls=context
+    )
+
+    assert accounts.connack("127.0.0.1", broker.tls_port, "", "", tls=other) == 0
+    assert "revoked 1 certificate(s) of acme/R05" in result.stdout

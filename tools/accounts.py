@@ -196,15 +196,16 @@ def _length(value: int) -> bytes:
 
 
 def wait_for_reload(
-    host: str, port: int, login: tuple[str, str], wanted: int, timeout: float = 10.0
-) -> None:
+    host: str, port: int, login: tuple[str, str], wanted: int, timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+) -> None:  # fmt: skip
     """Poll until the broker answers ``login`` with ``wanted`` (a CONNACK code).
 
     A reload takes effect a moment after the signal; a new account's first
     connect, or a revoked one's refusal, says that it has.
     """
     deadline = time.monotonic() + timeout
-    while connack(host, port, *login) != wanted:
+    while connack(host, port, *login, tls=tls) != wanted:
         if time.monotonic() > deadline:
             raise BrokerError(
                 f"the broker on {host}:{port} did not take the change of "

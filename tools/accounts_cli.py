@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from policy.errors import BadInput
-from tools import accounts
+from tools import accounts, tls
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +165,50 @@ def _show(files: Files, changed: dict[str, str | None], what: str) -> None:
         return
     for name, password in changed.items():
         click.echo(f"{what} {name}" + (f" password {password}" if password else ""))
+
+
+@accounts_group.group("cert")
+@click.option(
+    "--ca-dir", required=True, envvar="IRM_ROUTER_CA_DIR", show_envvar=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The routers' CA: ca.pem, ca-key.pem, crl.pem (the broker's crlfile).",
+)  # fmt: skip
+@click.pass_context
+def cert_group(ctx: click.Context, ca_dir: Path) -> None:
+    """Routers' client certificates for the broker's TLS listener."""
+    ctx.obj = (ctx.find_object(Files), ca_dir)
+
+
+@cert_group.command("issue")
+@click.option("--tenant", required=True, help="The routers' tenant.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+    help="Where each router's certificate and key go (the key: owner only).",
+)  # fmt: skip
+@click.argument("routers", nargs=-1, required=True)
+@click.pass_obj
+def cert_issue(
+    obj: tuple[Files, Path], tenant: str, out: Path, routers: tuple[str, ...]
+) -> None:
+    """Issue certificates whose Common Name is {tenant}/{router}."""
+    _, ca_dir = obj
+    for router in routers:
+        issued = tls.issue_router(ca_dir, out, tenant, router)
+        click.echo(f"issued {tenant}/{router}: {issued.cert} {issued.key}")
+
+
+@cert_group.command("revoke")
+@click.option("--tenant", required=True, help="The routers' tenant.")
+@click.argument("routers", nargs=-1, required=True)
+@click.pass_obj
+def cert_revoke(obj: tuple[Files, Path], tenant: str, routers: tuple[str, ...]) -> None:
+    """Revoke every certificate of these routers, and reload the broker."""
+    files, ca_dir = obj
+    names = [accounts.router_account(tenant, router) for router in routers]
+    counts = {name: tls.revoke(ca_dir, name) for name in names}
+    unknown = [name for name, count in counts.items() if not count]
+    _reload(files)
+    for name, count in counts.items():
+        click.echo(f"revoked {count} certificate(s) of {name}")
+    if unknown:
+        raise BadInput(f"no certificate was issued to {', '.join(unknown)}")

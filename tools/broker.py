@@ -62,6 +62,7 @@ def render(ports: tuple[int, ...], data_dir: Path, source: Path = REPO_CONFIG) -
         "cafile": str(data_dir / "tls" / "ca.pem"),
         "certfile": str(data_dir / "tls" / "server.pem"),
         "keyfile": str(data_dir / "tls" / "server-key.pem"),
+        "crlfile": str(data_dir / "tls" / "crl.pem"),
     }
     for key, value in files.items():
         text = re.sub(rf"^{key}\s+.*$", f"{key} {value}", text, flags=re.M)
@@ -209,9 +210,7 @@ class Broker:
 
     def router_cert(self, tenant: str, router: str) -> tls.Issued:
         """A client certificate for one router, signed by the routers' CA."""
-        ca = tls.Issued(self.tls_dir / "ca.pem", self.tls_dir / "ca-key.pem")
-        name = accounts.router_account(tenant, router)
-        return tls.issue(ca, self.tls_dir, f"router-{tenant}-{router}", name)
+        return tls.issue_router(self.tls_dir, self.tls_dir / "routers", tenant, router)
 
     def tls_context(self, cert: tls.Issued | None) -> ssl.SSLContext:
         """A client's TLS context trusting the routers' CA, with ``cert`` if any."""

@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tools import accounts
+
 VALID = timedelta(days=365)
 
 
@@ -73,7 +75,8 @@ def _builder(
 
 
 def make_ca(directory: Path, name: str = "irm-gateway router CA") -> Issued:
-    """A new certificate authority that signs the server's and routers' certs."""
+    """A new certificate authority that signs the server's and routers' certs,
+    with an empty revocation list (``crl.pem``) beside it."""
     key = _key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
@@ -81,7 +84,66 @@ def make_ca(directory: Path, name: str = "irm-gateway router CA") -> Issued:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(key, hashes.SHA256())
     )
-    return _save(directory, "ca", cert, key)
+    ca = _save(directory, "ca", cert, key)
+    _write_crl(ca, directory / "crl.pem", [])
+    return ca
+
+
+def ca_in(directory: Path) -> Issued:
+    """The CA that :func:`make_ca` saved in ``directory``."""
+    return Issued(directory / "ca.pem", directory / "ca-key.pem")
+
+
+def issue_router(ca_dir: Path, out_dir: Path, tenant: str, router: str) -> Issued:
+    """A router's certificate and key in ``out_dir``; the CA keeps a copy of
+    the certificate, so that it can be revoked by the router's name."""
+    name = accounts.router_account(tenant, router)
+    issued = issue(ca_in(ca_dir), out_dir, f"{tenant}-{router}", name)
+    cert = x509.load_pem_x509_certificate(issued.cert.read_bytes())
+    _write(ca_dir / "issued" / f"{cert.serial_number:x}.pem", issued.cert.read_bytes())
+    return issued
+
+
+def revoke(ca_dir: Path, common_name: str) -> int:
+    """Add every certificate issued to ``common_name`` to the CA's
+    revocation list; returns how many there were."""
+    crl_path = ca_dir / "crl.pem"
+    serials = {
+        entry.serial_number for entry in x509.load_pem_x509_crl(crl_path.read_bytes())
+    }
+    named = [
+        cert.serial_number
+        for path in sorted((ca_dir / "issued").glob("*.pem"))
+        if _common_name(cert := x509.load_pem_x509_certificate(path.read_bytes()))
+        == common_name
+    ]
+    _write_crl(ca_in(ca_dir), crl_path, sorted(serials | set(named)))
+    return len(named)
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def _write_crl(ca: Issued, path: Path, serials: list[int]) -> None:
+    ca_cert, ca_key = _load(ca)
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - timedelta(minutes=5))
+        .next_update(now + VALID)
+    )
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - timedelta(minutes=1))
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write(path, crl.public_bytes(serialization.Encoding.PEM))
 
 
 def _load(ca: Issued) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
