@@ -179,6 +179,26 @@ def cert_group(ctx: click.Context, ca_dir: Path) -> None:
     ctx.obj = (ctx.find_object(Files), ca_dir)
 
 
+@cert_group.command("init")
+@click.option(
+    "--server-name", required=True,
+    help="The broker's host name, as routers connect to it.",
+)  # fmt: skip
+@click.pass_obj
+def cert_init(obj: tuple[Files, Path], server_name: str) -> None:
+    """Make the routers' CA and the broker's server certificate (once)."""
+    _, ca_dir = obj
+    if (ca_dir / "ca.pem").exists():
+        raise BadInput(
+            f"{ca_dir / 'ca.pem'} exists: a new CA would orphan every router"
+        )
+    ca = tls.make_ca(ca_dir)
+    server = tls.issue(ca, ca_dir, "server", server_name, server=True)
+    click.echo(
+        f"CA {ca.cert} (keep {ca.key} off the broker host), server {server.cert}"
+    )
+
+
 @cert_group.command("issue")
 @click.option("--tenant", required=True, help="The routers' tenant.")
 @click.option(
