@@ -8,10 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from gateway.flood import HelloLimiter, Verdict
 from policy.errors import BadInput
 from tools import accounts
+from tools.cli import cli
 
 
 def test_our_entries_are_the_ones_mosquitto_passwd_writes(tmp_path: Path) -> None:
@@ -88,3 +90,25 @@ def test_one_router_flooding_leaves_the_others_their_budget() -> None:
 
     assert limiter.take(("acme", "R02"), 0.0) is Verdict.PASS
     assert limiter.take(("other", "R01"), 0.0) is Verdict.PASS
+
+
+def test_the_tool_refuses_to_add_twice_or_revoke_nothing_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    passwd = tmp_path / "passwd"
+    base = ["accounts", "--password-file", str(passwd)]
+    runner = CliRunner(env={"IRM_BROKER_PID_FILE": None})
+    made = runner.invoke(cli, [*base, "add", "--tenant", "acme", "R01"])
+    before = passwd.read_text()
+
+    again = runner.invoke(cli, [*base, "add", "--tenant", "acme", "R01"])
+    nothing = runner.invoke(cli, [*base, "revoke", "--tenant", "acme", "R02"])
+    bad = runner.invoke(cli, [*base, "add", "--tenant", "acme", "R/1"])
+
+    assert made.exit_code == 0, made.output
+    assert "reload the broker yourself" in made.stderr
+    assert (again.exit_code, nothing.exit_code, bad.exit_code) == (1, 1, 1)
+    assert "acme/R01 exists: rotate it" in again.stderr
+    assert "no such account: acme/R02" in nothing.stderr
+    assert "router 'R/1'" in bad.stderr
+    assert passwd.read_text() == before

@@ -169,14 +169,29 @@ def _show(files: Files, changed: dict[str, str | None], what: str) -> None:
 
 @accounts_group.group("cert")
 @click.option(
-    "--ca-dir", required=True, envvar="IRM_ROUTER_CA_DIR", show_envvar=True,
+    "--ca-dir", envvar="IRM_ROUTER_CA_DIR", show_envvar=True,
     type=click.Path(file_okay=False, path_type=Path),
     help="The routers' CA: ca.pem, ca-key.pem, crl.pem (the broker's crlfile).",
 )  # fmt: skip
 @click.pass_context
-def cert_group(ctx: click.Context, ca_dir: Path) -> None:
+def cert_group(ctx: click.Context, ca_dir: Path | None) -> None:
     """Routers' client certificates for the broker's TLS listener."""
-    ctx.obj = (ctx.find_object(Files), ca_dir)
+    files = ctx.find_object(Files)
+    assert files is not None
+    ctx.obj = Certs(files, ca_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class Certs:
+    files: Files
+    given_ca_dir: Path | None
+
+    @property
+    def ca_dir(self) -> Path:
+        # Checked here, not by click, so that every command's --help works.
+        if self.given_ca_dir is None:
+            raise click.UsageError("give --ca-dir (or IRM_ROUTER_CA_DIR)")
+        return self.given_ca_dir
 
 
 @cert_group.command("init")
@@ -185,9 +200,9 @@ def cert_group(ctx: click.Context, ca_dir: Path) -> None:
     help="The broker's host name, as routers connect to it.",
 )  # fmt: skip
 @click.pass_obj
-def cert_init(obj: tuple[Files, Path], server_name: str) -> None:
+def cert_init(certs: Certs, server_name: str) -> None:
     """Make the routers' CA and the broker's server certificate (once)."""
-    _, ca_dir = obj
+    ca_dir = certs.ca_dir
     if (ca_dir / "ca.pem").exists():
         raise BadInput(
             f"{ca_dir / 'ca.pem'} exists: a new CA would orphan every router"
@@ -207,11 +222,9 @@ def cert_init(obj: tuple[Files, Path], server_name: str) -> None:
 )  # fmt: skip
 @click.argument("routers", nargs=-1, required=True)
 @click.pass_obj
-def cert_issue(
-    obj: tuple[Files, Path], tenant: str, out: Path, routers: tuple[str, ...]
-) -> None:
+def cert_issue(certs: Certs, tenant: str, out: Path, routers: tuple[str, ...]) -> None:
     """Issue certificates whose Common Name is {tenant}/{router}."""
-    _, ca_dir = obj
+    ca_dir = certs.ca_dir
     for router in routers:
         issued = tls.issue_router(ca_dir, out, tenant, router)
         click.echo(f"issued {tenant}/{router}: {issued.cert} {issued.key}")
@@ -221,9 +234,9 @@ def cert_issue(
 @click.option("--tenant", required=True, help="The routers' tenant.")
 @click.argument("routers", nargs=-1, required=True)
 @click.pass_obj
-def cert_revoke(obj: tuple[Files, Path], tenant: str, routers: tuple[str, ...]) -> None:
+def cert_revoke(certs: Certs, tenant: str, routers: tuple[str, ...]) -> None:
     """Revoke every certificate of these routers, and reload the broker."""
-    files, ca_dir = obj
+    files, ca_dir = certs.files, certs.ca_dir
     names = [accounts.router_account(tenant, router) for router in routers]
     counts = {name: tls.revoke(ca_dir, name) for name in names}
     unknown = [name for name, count in counts.items() if not count]
