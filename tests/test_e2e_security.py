@@ -142,10 +142,8 @@ async def test_presence_is_written_only_by_the_gateway_and_read_by_its_tenant(
     broker: Broker, tmp_path: Path
 ) -> None:
     await started_gateway(broker, tmp_path, "acme", basic1=2)
-    consumer_password = accounts.new_password()
-    broker.passwords[accounts.tenant_account("acme")] = consumer_password
-    broker.passwords[accounts.tenant_account("other")] = accounts.new_password()
-    broker._pending += ["other", "acme"]
+    consumer_password = broker.account(accounts.tenant_account("acme"))
+    stranger_password = broker.account(accounts.tenant_account("other"))
     broker.flush()
     attacker = sim_router(broker, "acme", "R01")
     await attacker.connect()
@@ -155,12 +153,15 @@ async def test_presence_is_written_only_by_the_gateway_and_read_by_its_tenant(
     ).model_dump_json()  # fmt: skip
 
     consumer = await mqtt_client(broker, ("acme", consumer_password))
-    stranger = await mqtt_client(broker, ("other", broker.passwords["other"]))
+    stranger = await mqtt_client(broker, ("other", stranger_password))
     got: dict[str, list[str]] = {"acme": [], "other": []}
+    own_presence = asyncio.Event()
 
     def keep(name: str) -> Any:
         def on_message(client: object, topic: str, payload: bytes, *r: Any) -> int:
             got[name].append(topic)
+            if name == "acme" and topic == f"{PREFIX}/acme/R01/presence":
+                own_presence.set()
             return 0
 
         return on_message
@@ -174,9 +175,7 @@ async def test_presence_is_written_only_by_the_gateway_and_read_by_its_tenant(
     async with PresenceWatch(broker, "acme") as watch:
         await attacker.ask()
         await watch.until(lambda w: bool(w.of("R01")))
-    async with asyncio.timeout(10):
-        while f"{PREFIX}/acme/R01/presence" not in got["acme"]:  # noqa: ASYNC110 - gmqtt calls back, nothing to await
-            await asyncio.sleep(0.02)
+    await asyncio.wait_for(own_presence.wait(), 10)
     await consumer.disconnect()
     await stranger.disconnect()
 

@@ -151,7 +151,11 @@ class Broker:
     def router_password(self, tenant: str, router: str) -> str:
         """The router's password, made on first use; :meth:`flush` tells the
         broker, so that a whole fleet made at once costs one reload."""
-        user = accounts.router_account(tenant, router)
+        return self.account(accounts.router_account(tenant, router))
+
+    def account(self, user: str) -> str:
+        """Any account's password (a tenant's consumers: the tenant id), made
+        on first use and known to the broker after :meth:`flush`."""
         if user not in self.passwords:
             self.passwords[user] = accounts.new_password()
             self._pending.append(user)
