@@ -393,3 +393,34 @@ async def test_a_revoked_certificate_can_no_longer_connect(broker: Broker) -> No
 
     assert accounts.connack("127.0.0.1", broker.tls_port, "", "", tls=other) == 0
     assert "revoked 1 certificate(s) of acme/R05" in result.stdout
+
+
+async def test_a_last_will_on_another_routers_topic_is_never_published(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Mosquitto takes the connection but drops the will: it may not write there."""
+    await started_gateway(broker, tmp_path, "acme", basic1=2)
+    victim = sim_router(broker, "acme", "R02")
+    await victim.connect()
+    assert (await victim.ask())[0].decision == "accept"
+    login = {
+        "username": accounts.router_account("acme", "R01"),
+        "password": broker.router_password("acme", "R01"),
+    }
+    broker.flush()
+    # A router of R02's name and session, logged in as R01: its will is
+    # R02's goodbye.
+    forger = sim_router(broker, "acme", "R02", **login, session=victim.session)
+
+    async with Everything(broker) as everything:
+        await forger.connect()
+        await forger.drop()
+        # The broker publishes a will the moment it sees the connection
+        # break, before it takes the next connection of the same account.
+        attacker = sim_router(broker, "acme", "R01")
+        await attacker.connect()
+        await attacker.ask()
+        await everything.until_topic(attacker.topic("hello"))
+
+    assert victim.topic("goodbye") not in everything.topics()
+    assert (await victim.ask())[0].decision == "accept"
