@@ -167,33 +167,14 @@ class Broker:
         self.flush()
         return made
 
-    def flush(self, timeout: float = 10.0) -> None:
+    def flush(self) -> None:
         """Write the accounts made since the last call, reload, wait for them."""
         if not self._pending:
             return
-        last = self._pending[-1]
-        passwords = accounts.PasswordFile(self.password_file)
-        passwords.set_many({user: self.passwords[user] for user in self._pending})
-        passwords.save()
+        made = {user: self.passwords[user] for user in self._pending}
         self._pending.clear()
-        self._reload_until(
-            last, self.passwords[last], accounts.CONNACK_ACCEPTED, timeout
-        )
-
-    def revoke(self, user: str, timeout: float = 10.0) -> None:
-        """Remove an account, reload, and wait until the broker refuses it."""
-        password = self.passwords.pop(user)
-        passwords = accounts.PasswordFile(self.password_file)
-        passwords.remove([user])
-        passwords.save()
-        self._reload_until(user, password, accounts.CONNACK_REFUSED, timeout)
-
-    def _reload_until(
-        self, user: str, password: str, wanted: int, timeout: float
-    ) -> None:
-        accounts.reload_broker(self.pid_file)
-        accounts.wait_for_reload(
-            "127.0.0.1", self.port, (user, password), wanted, timeout
+        accounts.provision(
+            self.password_file, self.pid_file, made, ("127.0.0.1", self.port)
         )
 
     def write_env(self, path: Path) -> None:
