@@ -34,6 +34,10 @@ OPEN_FILES = 65536
 """Mosquitto stops near 1,000 clients with the default open-file limit."""
 
 
+class PortTaken(RuntimeError):
+    """Another process bound one of the broker's ports first."""
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
@@ -99,6 +103,8 @@ class Broker:
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
+        self._fixed_port = port is not None
+        self._started = False
         self.port = port or free_port()
         self.router_port = free_port()
         self.tls_port = free_port()
@@ -114,7 +120,27 @@ class Broker:
         self._pending: list[str] = []
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start and wait until the port accepts connections."""
+        """Start and wait until the port accepts connections.
+
+        A free port can be taken by another process before Mosquitto binds
+        it (tests run in parallel on one machine): the first start then
+        tries new ports, a few times. A restart keeps its ports, which its
+        clients reconnect to.
+        """
+        for _ in range(3 if not self._started else 0):
+            try:
+                self._start(timeout)
+            except PortTaken:
+                self.router_port, self.tls_port = free_port(), free_port()
+                if not self._fixed_port:
+                    self.port = free_port()
+            else:
+                self._started = True
+                return
+        self._start(timeout)
+        self._started = True
+
+    def _start(self, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._first_files()
         ports = (self.port, self.router_port, self.tls_port)
@@ -129,7 +155,9 @@ class Broker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+                said = self.log.read_text()[-2000:]
+                error = PortTaken if "Address already in use" in said else RuntimeError
+                raise error(f"mosquitto exited: {said}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
             except OSError:
