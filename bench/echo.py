@@ -9,6 +9,7 @@ cost is then its rate as a ratio of this one, measured in the same run.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -49,7 +50,12 @@ async def serve(port: int) -> None:
             retain=True,
         )
 
-    mqtt = Mqtt("bench-echo", "127.0.0.1", port, echo, subscribe, persistent=False)
+    # The gateway's account, from the environment as the gateway reads it.
+    login = os.environ.get("IRM_BROKER_USERNAME"), os.environ.get("IRM_BROKER_PASSWORD")
+    mqtt = Mqtt(
+        "bench-echo", "127.0.0.1", port, echo, subscribe, persistent=False,
+        credentials=(login[0], login[1] or "") if login[0] else None,
+    )  # fmt: skip
     async with mqtt:
         await stop.wait()
 

@@ -81,17 +81,25 @@ async def seed(database: Path, tenants: list[str], seats_each: int) -> None:
 
 
 class Service:
-    """The echo or the gateway, as a child process on the broker."""
+    """The echo or the gateway, as a child process on the broker, logged in
+    with the gateway's account (given in the environment, as an operator
+    would)."""
 
     def __init__(self, command: list[str], log: Path) -> None:
         self.command = command
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, port: int) -> None:
+    def start(self, broker: Broker) -> None:
+        user, password = broker.gateway
+        env = {**os.environ, "IRM_BROKER_USERNAME": user}
+        env["IRM_BROKER_PASSWORD"] = password
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen(self.command, stdout=out, stderr=out)
-        if not asyncio.run(wait_for_gateway("127.0.0.1", port, "irm/v1", 30)):
+            self.process = subprocess.Popen(
+                self.command, stdout=out, stderr=out, env=env
+            )
+        online = wait_for_gateway("127.0.0.1", broker.port, "irm/v1", 30, broker.admin)
+        if not asyncio.run(online):
             raise RuntimeError(f"{self.command[0]} did not come online: {self.log}")
 
     def stop(self) -> None:
@@ -101,18 +109,31 @@ class Service:
             self.process = None
 
 
-def load(port: int, **options: Any) -> Summary:
-    spec = LoadSpec("127.0.0.1", port, **options)
-    return run_load(spec)
+def load(broker: Broker, **options: Any) -> Summary:
+    """Run the load generator's routers on the routers' password listener."""
+    return run_load(router_spec(broker, **options))
 
 
-def sweep(port: int, tenants: tuple[str, ...], routers: int, rates: list[int],
+def router_spec(broker: Broker, **options: Any) -> LoadSpec:
+    """A load spec whose every router has its account (one broker reload)."""
+    spec = LoadSpec("127.0.0.1", broker.router_port, **options)
+    for tenant, router in spec.names():
+        broker.router_password(tenant, router)
+    broker.flush()
+    names = {f"{t}/{r}" for t, r in spec.names()}
+    mine = {
+        user: password for user, password in broker.passwords.items() if user in names
+    }
+    return replace(spec, passwords=mine)
+
+
+def sweep(broker: Broker, tenants: tuple[str, ...], routers: int, rates: list[int],
           duration: float, processes: int) -> list[dict[str, Any]]:  # fmt: skip
     """Latency at each offered rate (open loop)."""
     rows = []
     for rate in rates:
         summary = load(
-            port, tenants=tenants, routers=routers, mode="rate", rate=float(rate),
+            broker, tenants=tenants, routers=routers, mode="rate", rate=float(rate),
             duration=duration, processes=processes,
         )  # fmt: skip
         row = {"offered_per_s": rate, **summary.report()}
@@ -126,7 +147,7 @@ def sweep(port: int, tenants: tuple[str, ...], routers: int, rates: list[int],
 
 def leg(
     name: str,
-    port: int,
+    broker: Broker,
     tenants: tuple[str, ...],
     routers: int,
     rates: list[int],
@@ -136,12 +157,12 @@ def leg(
     """One service's throughput (closed loop) and latency at offered rates."""
     print(f"{name}: closed loop")
     closed = load(
-        port, tenants=tenants, routers=routers, mode="closed",
+        broker, tenants=tenants, routers=routers, mode="closed",
         duration=duration, processes=processes,
     ).report()  # fmt: skip
     print(f"  {closed['round_trips_per_s']} round trips/s")
     print(f"{name}: latency at offered rates")
-    swept = sweep(port, tenants, routers, rates, duration, processes)
+    swept = sweep(broker, tenants, routers, rates, duration, processes)
     return {f"{name}_closed": closed, f"{name}_rates": swept}
 
 
@@ -162,8 +183,10 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         echo = Service(
             [sys.executable, "-m", "bench.echo", str(port)], work / "echo.log"
         )
-        echo.start(port)
-        figures.update(leg("echo", port, tenants, routers, rates, duration, processes))
+        echo.start(broker)
+        figures.update(
+            leg("echo", broker, tenants, routers, rates, duration, processes)
+        )
         echo.stop()
 
         database = work / "irm.db"
@@ -173,19 +196,21 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         gateway = Service(
             [str(BIN / "irm-gateway"), "--broker-port", str(port), "--database",
              str(database), "--log-level", "warning", "--log-format", "json",
-             "--lease-seconds", "600", "--uvloop"],
+             "--lease-seconds", "600", "--uvloop",
+             # The load's routers say hello far more often than real ones.
+             "--hello-rate", "1000000", "--hello-burst", "1000000"],
             work / "gateway.log",
         )  # fmt: skip
-        gateway.start(port)
+        gateway.start(broker)
         assert gateway.process is not None
         idle_rss = rss_kib(gateway.process.pid)
         figures.update(
-            leg("gateway", port, tenants, routers, rates, duration, processes)
+            leg("gateway", broker, tenants, routers, rates, duration, processes)
         )
         print(f"gateway: reconnect storm of {storm_routers} routers")
         before_storm = rss_kib(gateway.process.pid)
         storm = load(
-            port, tenants=tenants, routers=storm_routers, mode="storm",
+            broker, tenants=tenants, routers=storm_routers, mode="storm",
             processes=4, connect_rate=4000.0, timeout=120.0, name_prefix="S",
         )  # fmt: skip
         figures["storm"] = storm.report()

@@ -1,7 +1,8 @@
 """Run every benchmark and write the figures beside their targets.
 
 ``scripts/bench`` runs this: the policy core alone (``bench/core.py``), then
-the whole path over MQTT, echo beside gateway (``bench/mqtt.py``). Figures
+the whole path over MQTT, echo beside gateway (``bench/mqtt.py``), then
+the others' latency beside one flooding router (``bench/flood.py``). Figures
 go to ``bench/results/`` as JSON and PNG, with ``summary.md`` comparing
 each with its target.
 """
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import core, mqtt
+from bench import core, flood, mqtt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,7 +26,11 @@ def _get(figures: dict[str, Any], *path: str) -> Any:
     return value
 
 
-def summary(core_figures: dict[str, Any], mqtt_figures: dict[str, Any]) -> str:
+def summary(
+    core_figures: dict[str, Any],
+    mqtt_figures: dict[str, Any],
+    flood_figures: dict[str, Any] | None = None,
+) -> str:
     """A markdown table: each target, what was measured, met or not."""
     closed = mqtt_figures["gateway_closed"]
     rate = closed["round_trips_per_s"] or 0.0
@@ -65,6 +70,14 @@ def summary(core_figures: dict[str, Any], mqtt_figures: dict[str, Any]) -> str:
          f"hello ×{size_ratio} ({growth['of']})", size_ratio < 1.1),
         ("and at 10,000 tenants", f"hello ×{tenant_ratio}", (tenant_ratio or 9) < 1.1),
     ]  # fmt: skip
+    if flood_figures is not None:
+        p99_ratio = flood_figures["ratio_p99"]
+        rows.append((
+            "one flooding router raises the others' p99 by a small factor (≤ 2)",
+            f"p50 ×{flood_figures['ratio_p50']}, p99 ×{p99_ratio} at "
+            f"{flood_figures['rate']}/s",
+            p99_ratio <= 2,
+        ))  # fmt: skip
     machine = mqtt_figures["machine"]
     lines = [
         f"Measured {machine['date']} on {machine['cpus']} × {machine['cpu']}, "
@@ -85,7 +98,9 @@ def main() -> None:
     core_figures = core.run(RESULTS, quick=quick)
     print("== the whole path over MQTT")
     mqtt_figures = mqtt.run(RESULTS, quick=quick)
-    text = summary(core_figures, mqtt_figures)
+    print("== one router floods hellos")
+    flood_figures = flood.run(RESULTS, quick=quick)
+    text = summary(core_figures, mqtt_figures, flood_figures)
     (RESULTS / "summary.md").write_text(text)
     print(text)
     print(f"figures in {RESULTS} ({time.monotonic() - started:.0f} s)")

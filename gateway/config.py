@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="a finite number from 0 to 3600",
     )
+    hello_rate: float = Field(
+        1.0, gt=0, le=1_000_000, allow_inf_nan=False,
+        description="a finite number over 0 and up to 1000000",
+    )  # fmt: skip
+    hello_burst: int = Field(
+        10, ge=1, le=1_000_000, description="a whole number from 1 to 1000000"
+    )
     batch_max: int = Field(2000, ge=1, description="a whole number from 1 up")
     receive_maximum: int = Field(
         2000, ge=1, le=65535, description="a whole number from 1 to 65535"

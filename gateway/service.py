@@ -32,6 +32,8 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import protocol
 from gateway.config import Settings
+from gateway.flood import HelloLimiter
+from gateway.flood import Verdict as Flood
 from gateway.metrics import Metrics
 from gateway.mqtt import Inbound, Mqtt
 from gateway.protocol import Goodbye, Heartbeat, Hello
@@ -119,6 +121,7 @@ class Gateway:
         self.decisions: Counter[str] = Counter()
         self.suspected_duplicates: Counter[str] = Counter()
         self._resumes: dict[tuple[str, str], deque[datetime]] = {}
+        self._limiter = HelloLimiter(settings.hello_rate, settings.hello_burst)
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
         self._mqtt: Mqtt | None = None
         self._logged: set[tuple[str, str]] = set()
@@ -269,6 +272,8 @@ class Gateway:
         tenant, router, kind = parts
         self.metrics.received(kind)
         log.debug("received", tenant=tenant, router=router, kind=kind)
+        if kind == "hello" and not self._within_budget(tenant, router, inbound):
+            return None
         problem, message = self._validate(kind, inbound.payload)
         if message is None:
             label = "oversized" if problem.startswith("payload of") else "malformed"
@@ -284,6 +289,21 @@ class Gateway:
             return None
         done = asyncio.get_running_loop().create_future()
         return _Item(kind, tenant, router, message, inbound, done)
+
+    def _within_budget(self, tenant: str, router: str, inbound: Inbound) -> bool:
+        """Whether this hello may go on; a flood is refused once, then dropped."""
+        now = asyncio.get_running_loop().time()
+        verdict = self._limiter.take((tenant, router), now)
+        if verdict is Flood.PASS:
+            return True
+        self._bad("rate_limited", tenant, router)
+        if verdict is Flood.TELL:
+            detail = (
+                f"over {self.settings.hello_burst} hellos at once or "
+                f"{self.settings.hello_rate:g} a second: wait, then say hello once"
+            )
+            self._refuse(tenant, router, Reason.RATE_LIMITED, inbound, detail)
+        return False
 
     @staticmethod
     def _validate(
@@ -485,13 +505,14 @@ class Gateway:
         batch.replies.append((topic, payload, item.inbound.correlation))
 
     def _reply_topic(self, tenant: str, router: str, inbound: Inbound) -> str:
-        """The MQTT 5 Response Topic if it is the router's own, else the fixed one."""
-        prefix = self.settings.prefix
-        own = f"{prefix}/{tenant}/{router}/"
+        """The MQTT 5 Response Topic if it is the router's reply topic or below
+        it, else the fixed one: a router must not have the gateway write on
+        its presence, or anywhere else only the gateway may write."""
+        fixed = protocol.topic(self.settings.prefix, tenant, router, "reply")
         wanted = inbound.response_topic
-        if wanted and wanted.startswith(own) and not set("+#") & set(wanted):
-            return wanted
-        return protocol.topic(prefix, tenant, router, "reply")
+        if wanted is None or set("+#") & set(wanted):
+            return fixed
+        return wanted if wanted == fixed or wanted.startswith(f"{fixed}/") else fixed
 
     async def _publish_events(self, events: list[Event], now: datetime) -> None:
         for event in events:

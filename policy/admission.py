@@ -66,6 +66,7 @@ class Reason(StrEnum):
     MALFORMED_HELLO = "malformed_hello"
     TOPIC_MISMATCH = "topic_mismatch"
     SESSION_UNKNOWN = "session_unknown"
+    RATE_LIMITED = "rate_limited"
 
 
 class Cause(StrEnum):

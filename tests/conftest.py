@@ -23,6 +23,7 @@ import pytest
 
 from gateway import protocol
 from tests.seeding import seed_tenant
+from tools.accounts import router_account
 from tools.broker import Broker
 from tools.router import SimRouter
 
@@ -39,8 +40,36 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 def sim_router(broker: Broker, tenant: str, router: str, **options: Any) -> SimRouter:
-    """A simulated router of ``tenant`` that will connect to ``broker``."""
-    return SimRouter("127.0.0.1", broker.port, tenant, router, **options)
+    """A simulated router of ``tenant`` that will connect to ``broker``.
+
+    It logs in on the routers' password listener with its own account,
+    made here as ``irm-tool accounts`` makes it; the broker learns the
+    accounts made so far when the first of them connects. ``tls=True``
+    makes it connect to the TLS listener with a client certificate
+    instead. Given ``username`` (and ``password``), it uses those as is.
+    """
+    if options.pop("tls", False):
+        context = broker.tls_context(broker.router_cert(tenant, router))
+        return SimRouter(
+            "127.0.0.1", broker.tls_port, tenant, router, ssl=context, **options
+        )
+    if "username" not in options:
+        options["username"] = router_account(tenant, router)
+        options["password"] = broker.router_password(tenant, router)
+        options.setdefault("before_connect", broker.flush)
+    return SimRouter("127.0.0.1", broker.router_port, tenant, router, **options)
+
+
+async def mqtt_client(broker: Broker, account: tuple[str, str] | None = None) -> Any:
+    """A connected gmqtt client of the service listener, as ``account``.
+
+    Default: the operator's read-only account, as every watcher here uses.
+    """
+    client = gmqtt.Client(None)
+    user, password = account or broker.admin
+    client.set_auth_credentials(user, password)
+    await client.connect("127.0.0.1", broker.port)
+    return client
 
 
 def tool(
@@ -87,7 +116,12 @@ class GatewayProcess:
         self.broker = broker
         self.database = database
         self.log = log
-        self.options = {"lease-seconds": 60, "grace-seconds": 2, **options}
+        # Tests say hello again and again from one router to measure or to
+        # provoke; flood control is tested on its own, with its own limits.
+        self.options = {
+            "lease-seconds": 60, "grace-seconds": 2,
+            "hello-burst": 10_000, "hello-rate": 1_000, **options,
+        }  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
         _started.append(self)
 
@@ -97,6 +131,7 @@ class GatewayProcess:
             "--broker-port", str(self.broker.port),
             "--database", str(self.database),
             "--log-format", "json",
+            "--broker-username", self.broker.gateway[0],
         ]  # fmt: skip
         for key, value in self.options.items():
             command += [f"--{key}", str(value)]
@@ -104,9 +139,11 @@ class GatewayProcess:
 
     def spawn(self) -> None:
         """Start the process and return at once."""
+        # The password goes in the environment, where ``ps`` does not show it.
+        env = {**os.environ, "IRM_BROKER_PASSWORD": self.broker.gateway[1]}
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT
+                self.command(), stdout=out, stderr=subprocess.STDOUT, env=env
             )
 
     async def start(self, timeout: float = 20.0) -> None:
@@ -162,6 +199,7 @@ async def wait_gateway_online(
 
     client = gmqtt.Client(None)
     client.on_message = on_message
+    client.set_auth_credentials(*broker.admin)
     await client.connect("127.0.0.1", broker.port)
     client.subscribe(protocol.status_topic(protocol.PREFIX, "+"), qos=1)
     try:
@@ -222,6 +260,7 @@ class PresenceWatch:
         return 0
 
     async def __aenter__(self) -> PresenceWatch:
+        self._client.set_auth_credentials(*self.broker.admin)
         await self._client.connect("127.0.0.1", self.broker.port)
         self._client.subscribe(f"{protocol.PREFIX}/{self.tenant}/+/presence", qos=1)
         return self
@@ -260,6 +299,7 @@ class TopicWatch:
         return 0
 
     async def __aenter__(self) -> TopicWatch:
+        self._client.set_auth_credentials(*self.broker.admin)
         await self._client.connect("127.0.0.1", self.broker.port)
         self._client.subscribe(self.topic, qos=1)
         return self
@@ -288,6 +328,7 @@ class StatusWatch:
         return 0
 
     async def __aenter__(self) -> StatusWatch:
+        self._client.set_auth_credentials(*self.broker.admin)
         await self._client.connect("127.0.0.1", self.broker.port)
         self._client.subscribe(protocol.status_topic(protocol.PREFIX, "+"), qos=1)
         return self

@@ -9,16 +9,16 @@ contradict their topic, unknown tenants and stale sessions.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-import gmqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import sim_router, started_gateway
+from tests.conftest import mqtt_client, sim_router, started_gateway
 from tools.broker import Broker
 
 pytestmark = pytest.mark.broker
@@ -137,8 +137,9 @@ async def test_thousands_of_bad_messages_change_nothing_and_a_good_hello_still_w
 
     messages = generate(3000)
     assert len(messages) >= 1000
-    sender = gmqtt.Client(None)
-    await sender.connect("127.0.0.1", broker.port)
+    # The gateway's own account may write every topic: the worst a broker
+    # rule could let through, so that all of it reaches the gateway.
+    sender = await mqtt_client(broker, broker.gateway)
     for topic, payload in messages:
         sender.publish(topic, payload, qos=0)
     # The gateway receives one subscription's messages in order, so a reply
@@ -198,3 +199,45 @@ async def test_malformed_hello_is_answered_with_a_reason_naming_the_problem(
     await router.disconnect()
     await stranger.disconnect()
     gateway.stop()
+
+
+HELLO_ONLY = BAD.filter(lambda m: re.fullmatch(r"irm/v1/T8/R0[1-7]/hello", m[0]))
+"""Bad hello payloads (the rest are bad for their topic, not their body)."""
+
+
+async def test_a_routers_own_bad_hellos_are_each_refused_and_change_nothing(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The realistic attacker: a router's own account, on its own hello topic."""
+    database, gateway = await started_gateway(broker, tmp_path)
+    seated = sim_router(broker, "T8", "R00")
+    await seated.connect()
+    await seated.ask()
+    before = snapshot(database)
+    payloads = [payload for _, payload in _draw_hellos(200)]
+    attacker = sim_router(broker, "T8", "R01")
+    await attacker.connect()
+
+    for payload in payloads:
+        attacker.publish_raw("hello", payload)
+    reasons = [(await attacker.next_decision(30)).reason for _ in payloads]
+
+    assert set(reasons) <= {"malformed_hello", "topic_mismatch"}
+    assert snapshot(database) == before
+    assert (await seated.ask())[0].decision == "accept"
+    assert gateway.alive()
+
+
+def _draw_hellos(count: int) -> list[tuple[str, bytes]]:
+    drawn: list[tuple[str, bytes]] = []
+
+    @settings(
+        max_examples=count, database=None, deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )  # fmt: skip
+    @given(HELLO_ONLY)
+    def draw(message: tuple[str, bytes]) -> None:
+        drawn.append(message)
+
+    draw()
+    return drawn

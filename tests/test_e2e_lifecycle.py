@@ -65,7 +65,10 @@ async def test_seed_example_first_eight_online_last_two_offline(
 
     gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
     await gateway.start()
-    report = await run_fleet("127.0.0.1", broker.port, "acme", names, goodbye=False)
+    report = await run_fleet(
+        "127.0.0.1", broker.router_port, "acme", names, goodbye=False,
+        passwords=broker.provision("acme", names),
+    )  # fmt: skip
     gateway.stop()
 
     told = {n: (d.decision, d.reason, d.position) for n, d in report.decisions.items()}

@@ -23,7 +23,6 @@ from tools.broker import Broker, free_port
 
 pytestmark = pytest.mark.broker
 
-SECRET = "pw-7f3c9e1d-never-logged"
 
 
 def fleet(broker: Broker, tenant: str, count: int) -> dict[str, Any]:
@@ -31,8 +30,9 @@ def fleet(broker: Broker, tenant: str, count: int) -> dict[str, Any]:
     result = subprocess.run(
         [
             str(BIN / "irm-tool"), "fleet", "--tenant", tenant,
-            "--routers", str(count), "--port", str(broker.port),
-            "--no-goodbye", "--json",
+            "--routers", str(count), "--port", str(broker.router_port),
+            "--password-file", str(broker.password_file),
+            "--pid-file", str(broker.pid_file), "--no-goodbye", "--json",
         ],
         capture_output=True, text=True, check=False, timeout=120,
         env={k: v for k, v in os.environ.items() if not k.startswith("IRM_")},
@@ -177,7 +177,9 @@ async def test_readiness_follows_the_broker_stopped_and_started(
 async def test_a_decision_is_one_json_line_with_its_fields_and_no_secret(
     broker: Broker, tmp_path: Path
 ) -> None:
-    options = {"broker-username": "irm-gateway", "broker-password": SECRET}
+    # The gateway's real account, given on the command line this time.
+    secret = broker.gateway[1]
+    options = {"broker-username": broker.gateway[0], "broker-password": secret}
     _, gateway, _ = await operated_gateway(
         broker, tmp_path, **options, **{"log-level": "debug"}
     )
@@ -190,7 +192,7 @@ async def test_a_decision_is_one_json_line_with_its_fields_and_no_secret(
     decisions = [e for e in lines if e["event"] == "decision"]
     told = {e["router"]: e["decision"] for e in decisions if e["cause"] == "hello"}
     fleet_told = {r: d["decision"] for r, d in seen["routers"].items()}
-    assert SECRET not in raw
+    assert secret not in raw
     assert told == fleet_told
     for entry in decisions:
         assert entry["level"] == "info"

@@ -28,6 +28,7 @@ OPTIONS = (
     "broker_host", "broker_port", "broker_username", "broker_password",
     "database", "prefix", "gateway_id", "lease_seconds", "grace_seconds",
     "log_format", "log_level", "uvloop", "config", "http_host", "http_port",
+    "hello_rate", "hello_burst",
 )  # fmt: skip
 # The tests must not pick up a setting from the shell.
 CLEAN_ENV: dict[str, str | None] = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import gmqtt
 import pytest
 
 from gateway.mqtt import Inbound, Mqtt
+from tests.conftest import mqtt_client
 from tools.broker import Broker
 
 pytestmark = pytest.mark.broker
@@ -27,10 +27,9 @@ async def test_publishing_far_past_the_brokers_receive_maximum_never_overflows(
             everything.set()
         return 0
 
-    listener = gmqtt.Client(None)
+    listener = await mqtt_client(broker)
     listener.on_message = on_message
-    await listener.connect("127.0.0.1", broker.port)
-    listener.subscribe("seam/#", qos=1)
+    listener.subscribe("irm/v1/_seam/#", qos=1)
 
     async def ignore(message: Inbound) -> None:
         return None
@@ -39,11 +38,12 @@ async def test_publishing_far_past_the_brokers_receive_maximum_never_overflows(
         return None
 
     async with Mqtt(
-        "seam", "127.0.0.1", broker.port, ignore, connected, window=5000
-    ) as mqtt:
+        "seam", "127.0.0.1", broker.port, ignore, connected, window=5000,
+        credentials=broker.gateway,
+    ) as mqtt:  # fmt: skip
         assert mqtt._window.size == 1999  # max_inflight_messages 2000 in mosquitto.conf
         for i in range(5000):
-            await mqtt.publish(f"seam/{i % 7}", str(i).encode())
+            await mqtt.publish(f"irm/v1/_seam/{i % 7}", str(i).encode())
         await asyncio.wait_for(everything.wait(), 30)
     await listener.disconnect()
     assert received == 5000

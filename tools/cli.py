@@ -59,6 +59,7 @@ from policy.timeutil import (
     zone,
 )
 from tools import keys
+from tools.accounts_cli import accounts_group
 from tools.fleet import fleet_command
 from tools.reminders_cli import contacts_group, reminders_group
 from tools.status import status_command
@@ -1347,6 +1348,7 @@ cli.add_command(fleet_command, "fleet")
 cli.add_command(status_command, "status")
 cli.add_command(contacts_group, "contacts")
 cli.add_command(reminders_group, "reminders")
+cli.add_command(accounts_group, "accounts")
 
 
 def main() -> None:

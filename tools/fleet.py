@@ -9,14 +9,18 @@ heartbeats and report any seat change the gateway announces meanwhile.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import cast
 
 import click
 import gmqtt
+from gmqtt.mqtt.handler import MQTTConnectError
 from rich import box
 from rich.console import Console
 from rich.progress import (
@@ -30,6 +34,7 @@ from rich.table import Table
 
 from gateway import protocol
 from gateway.protocol import Decision
+from tools import accounts
 from tools.load import LoadSpec, Mode, Summary, run_load
 from tools.router import SimRouter
 
@@ -73,13 +78,49 @@ def _told(decision: Decision) -> tuple[str, str, str | None]:
     return decision.decision, decision.reason.value, decision.tier
 
 
+def _router(
+    host: str, port: int, tenant: str, name: str, prefix: str,
+    passwords: Mapping[str, str] | None,
+) -> SimRouter:  # fmt: skip
+    """A router of the fleet, logged in with its account when it has one."""
+    if passwords is None:
+        return SimRouter(host, port, tenant, name, prefix)
+    account = accounts.router_account(tenant, name)
+    return SimRouter(
+        host, port, tenant, name, prefix, username=account, password=passwords[name]
+    )
+
+
+def _provision(
+    spec: LoadSpec, password_file: Path | None, pid_file: Path | None
+) -> dict[str, str]:
+    """Accounts for every router of the fleet, known to the broker on return."""
+    if password_file is None:
+        return {}
+    if pid_file is None:
+        raise click.UsageError("--password-file needs --pid-file to reload the broker")
+    wanted = {
+        accounts.router_account(tenant, router): accounts.new_password()
+        for tenant, router in spec.names()
+    }
+    accounts.provision(password_file, pid_file, wanted, (spec.host, spec.port))
+    return wanted
+
+
 def router_names(count: int, prefix: str = "R") -> list[str]:
     width = max(2, len(str(count)))
     return [f"{prefix}{i:0{width}d}" for i in range(1, count + 1)]
 
 
-async def wait_for_gateway(host: str, port: int, prefix: str, timeout: float) -> bool:
-    """True once some gateway's retained status says online."""
+async def wait_for_gateway(
+    host: str,
+    port: int,
+    prefix: str,
+    timeout: float,
+    login: tuple[str, str] | None = None,
+) -> bool:
+    """True once some gateway's retained status says online (every router
+    may read it)."""
     online = asyncio.Event()
 
     def on_message(client: object, topic: str, payload: bytes, *rest: object) -> int:
@@ -93,6 +134,8 @@ async def wait_for_gateway(host: str, port: int, prefix: str, timeout: float) ->
 
     client = gmqtt.Client(None)
     client.on_message = on_message
+    if login is not None:
+        client.set_auth_credentials(*login)
     await client.connect(host, port)
     client.subscribe(protocol.status_topic(prefix, "+"), qos=1)
     try:
@@ -115,10 +158,15 @@ async def run_fleet(
     hold: float = 0.0,
     goodbye: bool = True,
     timeout: float = 10.0,
+    passwords: Mapping[str, str] | None = None,
 ) -> FleetReport:
-    """Connect the fleet, say hello, hold, leave; report what each was told."""
+    """Connect the fleet, say hello, hold, leave; report what each was told.
+
+    ``passwords`` holds each router's broker password; its account is
+    ``{tenant}/{router}`` (tools/accounts.py).
+    """
     report = FleetReport()
-    routers = [SimRouter(host, port, tenant, name, prefix) for name in names]
+    routers = [_router(host, port, tenant, n, prefix, passwords) for n in names]
 
     async def one(router: SimRouter) -> None:
         await router.connect()
@@ -341,6 +389,16 @@ def _run_load(spec: LoadSpec, as_json: bool) -> Summary:
 )  # fmt: skip
 @click.option("--heartbeat", default=20.0, show_default=True, help="Seconds between.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per reply.")
+@click.option(
+    "--password-file", envvar="IRM_BROKER_PASSWORD_FILE", show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Give the fleet's routers broker accounts in this password file, "
+    "and reload the broker once (--pid-file) before they connect.",
+)  # fmt: skip
+@click.option(
+    "--pid-file", envvar="IRM_BROKER_PID_FILE", show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path), help="The broker's pid_file.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def fleet_command(
     tenants: tuple[str, ...],
@@ -360,6 +418,8 @@ def fleet_command(
     churn: float,
     heartbeat: float,
     timeout: float,
+    password_file: Path | None,
+    pid_file: Path | None,
     as_json: bool,
 ) -> None:
     """Simulate a fleet of routers, each its own MQTT connection.
@@ -374,8 +434,15 @@ def fleet_command(
                 f"{tenant!r} is not a tenant id (1 to 64 of A-Z a-z 0-9 _ . -)",
                 param_hint="--tenant",
             )
+    spec = LoadSpec(
+        host, port, tenants, count, cast("Mode", mode),
+        processes, connect_rate, duration, rate, churn, heartbeat, timeout,
+        prefix, name_prefix,
+    )  # fmt: skip
+    passwords = _provision(spec, password_file, pid_file)
+    login = next(iter(passwords.items()), None)
     try:
-        online = asyncio.run(wait_for_gateway(host, port, prefix, timeout))
+        online = asyncio.run(wait_for_gateway(host, port, prefix, timeout, login))
     except OSError as exc:
         click.echo(
             f"irm-tool: no MQTT broker on {host}:{port} ({exc.strerror or exc}); "
@@ -383,15 +450,21 @@ def fleet_command(
             err=True,
         )
         sys.exit(1)
+    except MQTTConnectError as exc:
+        # Mosquitto refuses a router account it does not know (code 135).
+        click.echo(
+            f"irm-tool: the broker on {host}:{port} refused the fleet's login "
+            f"({exc}); give --password-file and --pid-file "
+            "(IRM_BROKER_PASSWORD_FILE/IRM_BROKER_PID_FILE) so that the fleet's "
+            "accounts are made first",
+            err=True,
+        )
+        sys.exit(1)
     if not online:
         click.echo(f"irm-tool: no gateway online on {host}:{port}", err=True)
         sys.exit(1)
     if mode != "table":
-        spec = LoadSpec(
-            host, port, tenants, count, cast("Mode", mode),
-            processes, connect_rate, duration, rate, churn, heartbeat, timeout,
-            prefix, name_prefix,
-        )  # fmt: skip
+        spec = dataclasses.replace(spec, passwords=passwords or None)
         if _run_load(spec, as_json).unanswered:
             sys.exit(1)
         return
@@ -409,6 +482,7 @@ def fleet_command(
             hold=hold,
             goodbye=goodbye,
             timeout=timeout,
+            passwords={a.split("/")[1]: p for a, p in passwords.items()} or None,
         )
     )
     if as_json:

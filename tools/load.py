@@ -53,6 +53,15 @@ class LoadSpec:
     timeout: float = 30.0
     prefix: str = "irm/v1"
     name_prefix: str = "R"
+    passwords: dict[str, str] | None = None
+    """Broker password of each router's account ``{tenant}/{router}``."""
+
+    def login(self, tenant: str, router: str) -> tuple[str | None, str | None]:
+        """One router's broker username and password, if the fleet has any."""
+        if self.passwords is None:
+            return None, None
+        account = f"{tenant}/{router}"
+        return account, self.passwords[account]
 
     def names(self) -> list[tuple[str, str]]:
         """``(tenant, router)`` of every router, spread evenly over tenants."""
@@ -145,15 +154,17 @@ class _Worker:
         self.spec = spec
         self.summary = Summary()
         self.progress = progress
-        self.routers = [
-            SimRouter(
-                spec.host, spec.port, tenant, name, spec.prefix, on_heard=self._heard
-            )
-            for tenant, name in names
-        ]
+        self.routers = [self._router(tenant, name) for tenant, name in names]
         self._pending: dict[str, float] = {}
         self._answered = asyncio.Event()
         self._first_answer: dict[str, asyncio.Future[None]] = {}
+
+    def _router(self, tenant: str, name: str) -> SimRouter:
+        username, password = self.spec.login(tenant, name)
+        return SimRouter(
+            self.spec.host, self.spec.port, tenant, name, self.spec.prefix,
+            on_heard=self._heard, username=username, password=password,
+        )  # fmt: skip
 
     def _heard(self, heard: Heard) -> None:
         decision = heard.decision
@@ -392,4 +403,5 @@ def _per_process(spec: LoadSpec) -> LoadSpec:
         spec.host, spec.port, spec.tenants, spec.routers, spec.mode, 1,
         spec.connect_rate / share, spec.duration, spec.rate / share, spec.churn,
         spec.heartbeat, spec.timeout, spec.prefix, spec.name_prefix,
+        spec.passwords,
     )  # fmt: skip

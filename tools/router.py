@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,11 @@ class Heard:
 
 @dataclass(slots=True)
 class SimRouter:
-    """One router. ``client_id`` defaults to ``tenant.router``."""
+    """One router. ``client_id`` defaults to ``tenant.router``.
+
+    It logs in with ``username`` and ``password`` when given, and speaks
+    TLS when given an ``ssl`` context (with its client certificate).
+    """
 
     host: str
     port: int
@@ -56,6 +61,12 @@ class SimRouter:
     prefix: str = protocol.PREFIX
     mqtt5: bool = True
     client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ssl: ssl.SSLContext | None = None
+    before_connect: Callable[[], None] | None = None
+    """Called first by :meth:`connect`, e.g. to have the broker learn the
+    credentials of a whole fleet at once."""
     session: str = field(default_factory=lambda: secrets.token_hex(6))
     heard: asyncio.Queue[Heard] = field(default_factory=asyncio.Queue)
     on_heard: Callable[[Heard], None] | None = None
@@ -68,6 +79,8 @@ class SimRouter:
 
     async def connect(self, *, will: bool = True, keepalive: int = 60) -> None:
         """Open the connection with this session's goodbye as last will."""
+        if self.before_connect is not None:
+            self.before_connect()
         will_message = None
         if will:
             body = Goodbye(v=1, session=self.session, will=True)
@@ -80,8 +93,16 @@ class SimRouter:
             will_message=will_message,
         )
         client.on_message = self._on_message
+        if self.username is not None:
+            client.set_auth_credentials(self.username, self.password)
         version = MQTTv50 if self.mqtt5 else MQTTv311
-        await client.connect(self.host, self.port, keepalive=keepalive, version=version)
+        await client.connect(
+            self.host,
+            self.port,
+            keepalive=keepalive,
+            version=version,
+            ssl=self.ssl or False,
+        )
         client.subscribe(self.topic("reply"), qos=1)
         self._client = client
 
@@ -130,6 +151,18 @@ class SimRouter:
         """Publish anything on one of this router's topics (for bad input)."""
         assert self._client is not None
         self._client.publish(self.topic(kind), payload, qos=1)
+
+    def publish_to(
+        self, topic: str, payload: bytes | str, *, retain: bool = False, **props: Any
+    ) -> None:
+        """Publish anything on any topic, as a compromised router would try."""
+        assert self._client is not None
+        self._client.publish(topic, payload, qos=1, retain=retain, **props)
+
+    def subscribe(self, topic: str) -> None:
+        """Subscribe to any topic; decisions heard there join :attr:`heard`."""
+        assert self._client is not None
+        self._client.subscribe(topic, qos=1)
 
     def heartbeat(self) -> None:
         assert self._client is not None

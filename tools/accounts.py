@@ -1,0 +1,227 @@
+"""Broker accounts: the password file Mosquitto reads, and telling it to reload.
+
+Account names follow the broker's access rules (mosquitto.acl):
+
+- a router is ``{tenant}/{router}``. Mosquitto 2 substitutes a user name
+  containing ``/`` into an ACL ``pattern`` as it is (checked with the
+  broker), so ``pattern write irm/v1/%u/hello`` names exactly that
+  router's hello topic, and no other router's;
+- a tenant's consumer (a dashboard reading presence) is ``{tenant}``;
+- the service accounts start with ``_`` (``_gateway``, ``_admin``), which
+  no tenant or router id can, so they never collide with a customer's.
+
+Passwords are stored as Mosquitto's ``$7$`` entries (PBKDF2-HMAC-SHA512,
+as ``mosquitto_passwd`` writes them); the plain password is shown once,
+when it is made, and never stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from gateway.protocol import NAME
+from policy.errors import BadInput, IrmError
+
+ITERATIONS = 101
+"""mosquitto_passwd's own count: the broker checks a password at every
+connect, so a reconnect storm of thousands of routers must stay cheap."""
+SALT_BYTES = 12
+GATEWAY = "_gateway"
+ADMIN = "_admin"
+SERVICE_ACCOUNTS = (GATEWAY, ADMIN)
+CONNACK_ACCEPTED = 0
+CONNACK_REFUSED = 5
+"""MQTT 3.1.1 CONNACK return codes: accepted, and not authorised."""
+
+
+class BrokerError(IrmError):
+    """The broker could not be told to reload (our side or the operator's)."""
+
+
+def router_account(tenant: str, router: str) -> str:
+    """The broker user name of one router: ``{tenant}/{router}``."""
+    return f"{_checked(tenant, 'tenant')}/{_checked(router, 'router')}"
+
+
+def tenant_account(tenant: str) -> str:
+    """The broker user name of a tenant's consumers: the tenant id."""
+    return _checked(tenant, "tenant")
+
+
+def _checked(name: str, what: str) -> str:
+    if not NAME.match(name):
+        raise BadInput(
+            f"{what} {name!r}: must be 1 to 64 of A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def new_password() -> str:
+    """A random password of 128 bits, safe to type and to quote."""
+    return secrets.token_urlsafe(16)
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """Mosquitto's ``$7$`` entry: PBKDF2-HMAC-SHA512, base64 salt and hash."""
+    salt = salt if salt is not None else os.urandom(SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, ITERATIONS)
+    encoded = (base64.b64encode(part).decode() for part in (salt, digest))
+    return f"$7${ITERATIONS}${'$'.join(encoded)}"
+
+
+def check_password(password: str, entry: str) -> bool:
+    """Whether ``password`` matches a ``$7$`` entry."""
+    try:
+        _, kind, rounds, salt, digest = entry.split("$")
+        wanted = base64.b64decode(digest)
+        got = hashlib.pbkdf2_hmac(
+            "sha512", password.encode(), base64.b64decode(salt), int(rounds)
+        )
+    except ValueError:
+        return False
+    return kind == "7" and hmac.compare_digest(got, wanted)
+
+
+class PasswordFile:
+    """The broker's password file: one ``user:$7$...`` line per account."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, str] = {}
+        if path.exists():
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if line.strip():
+                    self._read(number, line)
+
+    def _read(self, number: int, line: str) -> None:
+        user, sep, entry = line.partition(":")
+        if not sep or not entry.startswith("$7$"):
+            raise BadInput(
+                f"{self.path} line {number}: not a 'user:$7$...' entry "
+                "(write it with irm-tool accounts or mosquitto_passwd)"
+            )
+        self.entries[user] = entry
+
+    def set(self, user: str, password: str) -> None:
+        self.entries[user] = hash_password(password)
+
+    def set_many(self, accounts: Mapping[str, str]) -> None:
+        for user, password in accounts.items():
+            self.set(user, password)
+
+    def remove(self, users: Iterable[str]) -> list[str]:
+        """Drop accounts; returns the names that had none."""
+        return [u for u in users if self.entries.pop(u, None) is None]
+
+    def save(self) -> None:
+        """Replace the file at once, so the broker never reads half of it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        spare = self.path.with_name(f".{self.path.name}.new")
+        lines = "".join(f"{u}:{e}\n" for u, e in sorted(self.entries.items()))
+        spare.write_text(lines)
+        # The broker (its own user) reads the file; nobody else may.
+        spare.chmod(0o640)
+        spare.replace(self.path)
+
+
+def reload_broker(pid_file: Path) -> int:
+    """Send SIGHUP to the broker whose pid ``pid_file`` holds; returns the pid.
+
+    Mosquitto rereads its password and ACL files on SIGHUP; connected
+    clients stay connected, so a revoked account is cut off at its next
+    connect.
+    """
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError, IndexError) as exc:
+        raise BrokerError(
+            f"cannot reload the broker from pid file {pid_file}: {exc}"
+        ) from exc
+    return pid
+
+
+def connack(
+    host: str, port: int, username: str, password: str, timeout: float = 2.0,
+    tls: ssl.SSLContext | None = None,
+) -> int:  # fmt: skip
+    """The CONNACK return code the broker gives these credentials (MQTT 3.1.1).
+
+    A bare CONNECT on a socket, so that the tool and the test harness can
+    poll the broker until a reload has taken effect. Over ``tls``, a
+    handshake the broker refuses counts as not authorised.
+    """
+    fields = [b"MQTT", f"probe-{secrets.token_hex(4)}".encode()]
+    fields += [username.encode(), password.encode()]
+    strings = [len(f).to_bytes(2, "big") + f for f in fields]
+    header = strings[0] + bytes([4, 0xC2]) + (10).to_bytes(2, "big")
+    body = header + b"".join(strings[1:])
+    try:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((host, port), timeout))
+            if tls is not None:
+                sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=host))
+            sock.sendall(bytes([0x10]) + _length(len(body)) + body)
+            reply = sock.recv(4)
+    except (ssl.SSLError, ConnectionResetError):
+        if tls is None:
+            raise
+        return CONNACK_REFUSED
+    if len(reply) < 4 or reply[0] != 0x20:
+        return CONNACK_REFUSED
+    code: int = reply[3]
+    return code
+
+
+def _length(value: int) -> bytes:
+    """MQTT's variable-length remaining length."""
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def wait_for_reload(
+    host: str, port: int, login: tuple[str, str], wanted: int, timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+) -> None:  # fmt: skip
+    """Poll until the broker answers ``login`` with ``wanted`` (a CONNACK code).
+
+    A reload takes effect a moment after the signal; a new account's first
+    connect, or a revoked one's refusal, says that it has.
+    """
+    deadline = time.monotonic() + timeout
+    while connack(host, port, *login, tls=tls) != wanted:
+        if time.monotonic() > deadline:
+            raise BrokerError(
+                f"the broker on {host}:{port} did not take the change of "
+                f"{login[0]!r} within {timeout} s"
+            )
+        time.sleep(0.02)
+
+
+def provision(
+    password_file: Path, pid_file: Path, wanted: Mapping[str, str],
+    probe: tuple[str, int],
+) -> None:  # fmt: skip
+    """Write many accounts at once, reload once, and wait until they work."""
+    passwords = PasswordFile(password_file)
+    passwords.set_many(wanted)
+    passwords.save()
+    reload_broker(pid_file)
+    last = list(wanted.items())[-1]
+    wait_for_reload(*probe, last, CONNACK_ACCEPTED)
