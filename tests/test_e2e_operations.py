@@ -24,7 +24,6 @@ from tools.broker import Broker, free_port
 pytestmark = pytest.mark.broker
 
 
-
 def fleet(broker: Broker, tenant: str, count: int) -> dict[str, Any]:
     """Run ``irm-tool fleet`` (routers leave without a goodbye); its JSON."""
     result = subprocess.run(

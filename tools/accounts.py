@@ -26,6 +26,7 @@ import secrets
 import signal
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -130,9 +131,21 @@ class PasswordFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         spare = self.path.with_name(f".{self.path.name}.new")
         lines = "".join(f"{u}:{e}\n" for u, e in sorted(self.entries.items()))
-        spare.write_text(lines)
-        # The broker (its own user) reads the file; nobody else may.
-        spare.chmod(0o640)
+        spare.unlink(missing_ok=True)
+        descriptor = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(lines)
+        # The broker runs as its own user and reads the file through its
+        # group: the new file keeps the old one's owner, group and mode,
+        # or is 0640 when it is the first.
+        try:
+            old = self.path.stat()
+        except FileNotFoundError:
+            spare.chmod(0o640)
+        else:
+            if os.geteuid() == 0:
+                os.chown(spare, old.st_uid, old.st_gid)
+            spare.chmod(stat.S_IMODE(old.st_mode))
         spare.replace(self.path)
 
 
