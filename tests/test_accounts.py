@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -49,6 +51,26 @@ def test_the_password_file_keeps_other_accounts_and_no_plain_password(
     assert list(accounts.PasswordFile(path).entries) == ["_gateway"]
     assert "a-password" not in path.read_text()
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_rewritten_password_file_keeps_the_group_and_mode_the_broker_reads_by(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "passwd"
+    first = accounts.PasswordFile(path)
+    first.set("acme/R01", "one")
+    first.save()
+    group = 65534 if os.geteuid() == 0 else os.getegid()  # nogroup when root
+    os.chown(path, -1, group)
+    path.chmod(0o440)
+
+    again = accounts.PasswordFile(path)
+    again.set("acme/R02", "two")
+    again.save()
+
+    after = path.stat()
+    assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (group, 0o440)
+    assert set(accounts.PasswordFile(path).entries) == {"acme/R01", "acme/R02"}
 
 
 def test_a_file_that_is_not_a_password_file_is_refused(tmp_path: Path) -> None:
