@@ -15,9 +15,11 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from gateway import logs, protocol
+from gateway.cluster import ClusterGateway
 from gateway.config import Settings
 from gateway.service import Gateway
 from policy.errors import IrmError
+from policy.postgres_store import PostgresStore
 from policy.sqlite_store import SqliteStore
 
 log = structlog.get_logger("gateway")
@@ -29,6 +31,13 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.store is not None:
+        shared = await PostgresStore.open(settings.store)
+        try:
+            await ClusterGateway(settings, shared).run(stop)
+        finally:
+            await shared.close()
+        return
     store = await SqliteStore.open(settings.database, create=False)
     try:
         await Gateway(settings, store).run(stop)
@@ -55,6 +64,14 @@ option = functools.partial(click.option, show_envvar=True)
 @option(
     "--database", default="irm.db", type=click.Path(path_type=Path),
     help="SQLite file shared with irm-tool.",
+)  # fmt: skip
+@option(
+    "--store", default=None, metavar="URL",
+    help="postgresql:// URL: several gateways share it (then --database is unused).",
+)  # fmt: skip
+@option(
+    "--share-group", default="irm-gateways",
+    help="Gateways of one store share hellos in this MQTT shared subscription.",
 )  # fmt: skip
 @option("--prefix", default=protocol.PREFIX, help="Topic prefix of the protocol.")
 @option("--gateway-id", default="gw1", help="Names the gateway's MQTT session.")

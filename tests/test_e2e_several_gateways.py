@@ -1,0 +1,233 @@
+"""Three gateways on one PostgreSQL and one Mosquitto, one of them killed.
+
+The fleet is a few thousand routers, each its own MQTT connection, over
+tenants with fewer seats than routers. Half of them say hello, the leading
+gateway is killed with SIGKILL while those hellos are in flight, then the
+other half say hello. Every hello must be answered, and PostgreSQL must
+show first come, first served exactly: per tenant the seats are the
+earliest arrivals, as many as the capacity, and each router has one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from gateway import protocol
+from gateway.__main__ import cli
+from tests.conftest import GatewayProcess, PresenceWatch, sim_router
+from tests.seeding import seed_tenant
+from tools.broker import Broker
+from tools.router import Heard, SimRouter
+
+pytestmark = pytest.mark.broker
+
+SEATS = {"TA": {"basic25": 12}, "TB": {"basic25": 4}, "TC": {"basic1": 40}}
+CAPACITY = {"TA": 300, "TB": 100, "TC": 40}
+ROUTERS_PER_TENANT = 700
+
+
+class Fleet:
+    """Routers of several tenants, and the last decision each one heard."""
+
+    def __init__(self, broker: Broker, per_tenant: int) -> None:
+        self.last: dict[tuple[str, str], protocol.Decision] = {}
+        self.answered: set[tuple[str, str]] = set()
+        self.changed = asyncio.Event()
+        self.routers = [
+            sim_router(broker, tenant, f"R{i:04d}", on_heard=self._heard)
+            for tenant in CAPACITY
+            for i in range(per_tenant)
+        ]
+
+    def _heard(self, heard: Heard) -> None:
+        key = (heard.decision.tenant, heard.decision.router)
+        self.last[key] = heard.decision
+        if heard.decision.ref is not None:
+            self.answered.add(key)
+        self.changed.set()
+
+    async def connect(self) -> None:
+        for start in range(0, len(self.routers), 200):
+            chunk = self.routers[start : start + 200]
+            await asyncio.gather(*(r.connect(keepalive=120) for r in chunk))
+
+    async def hello(self, routers: list[SimRouter]) -> None:
+        for i, router in enumerate(routers):
+            router.hello()
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # let the connections write
+
+    async def until_answered(self, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.answered) < len(self.routers):
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.disconnect() for r in self.routers))
+
+
+def _stored(url: str) -> dict[str, list[tuple[str, int, bool]]]:
+    """Per tenant, the routers in line as (router, arrival, seated), in order."""
+    with psycopg.connect(url) as db:
+        rows = db.execute(
+            "SELECT tenant, router, arrival, seated FROM routers"
+            " WHERE arrival IS NOT NULL ORDER BY tenant, arrival"
+        ).fetchall()
+    lines: dict[str, list[tuple[str, int, bool]]] = {t: [] for t in CAPACITY}
+    for tenant, router, arrival, seated in rows:
+        lines[tenant].append((router, arrival, seated))
+    return lines
+
+
+def _joins(url: str) -> dict[tuple[str, str], int]:
+    with psycopg.connect(url) as db:
+        rows = db.execute(
+            "SELECT tenant, subject_id, count(*) FROM audit"
+            " WHERE subject = 'router' AND event = 'joined'"
+            " GROUP BY tenant, subject_id"
+        ).fetchall()
+    return {(t, r): n for t, r, n in rows}
+
+
+def _logged(gateways: list[GatewayProcess], event: str) -> list[GatewayProcess]:
+    """The gateways whose log holds ``event``."""
+    return [
+        g for g in gateways if any(line.get("event") == event for line in g.log_lines())
+    ]
+
+
+def _leader(gateways: list[GatewayProcess]) -> GatewayProcess:
+    leading = _logged(gateways, "leading the cluster")
+    assert len(leading) == 1, "exactly one gateway leads"
+    return leading[0]
+
+
+async def _until_logged(
+    gateways: list[GatewayProcess], event: str, timeout: float
+) -> None:
+    """Wait until one of ``gateways`` logs ``event`` (a file: nothing to await)."""
+    async with asyncio.timeout(timeout):
+        while not _logged(gateways, event):  # noqa: ASYNC110 - polls a log file
+            await asyncio.sleep(0.1)
+
+
+async def _cluster(
+    broker: Broker, tmp_path: Path, url: str, count: int, **options: Any
+) -> list[GatewayProcess]:
+    gateways = []
+    for n in range(1, count + 1):
+        gateway = GatewayProcess(
+            broker,
+            tmp_path / "unused.db",
+            tmp_path / f"gw{n}.log",
+            store=url,
+            **{"gateway-id": f"gw{n}"},
+            **options,
+        )
+        await gateway.start()
+        gateways.append(gateway)
+    return gateways
+
+
+async def test_three_gateways_one_killed_keep_first_come_first_served_exact(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    for tenant, seats in SEATS.items():
+        await seed_tenant(postgres_url, tenant, **seats)
+    gateways = await _cluster(broker, tmp_path, postgres_url, 3)
+    await _until_logged(gateways, "leading the cluster", 10)
+    fleet = Fleet(broker, ROUTERS_PER_TENANT)
+    await fleet.connect()
+    watches = [PresenceWatch(broker, tenant) for tenant in CAPACITY]
+    for watch in watches:
+        await watch.__aenter__()
+    try:
+        half = len(fleet.routers) // 2
+        await fleet.hello(fleet.routers[:half])
+        leader = _leader(gateways)
+        leader.kill()
+        await fleet.hello(fleet.routers[half:])
+        await fleet.until_answered(timeout=90)
+
+        lines = _stored(postgres_url)
+        for tenant, line in lines.items():
+            assert len(line) == ROUTERS_PER_TENANT
+            assert [seated for _, _, seated in line] == [
+                i < CAPACITY[tenant] for i in range(len(line))
+            ], f"{tenant}: the seats are the earliest arrivals, as many as fit"
+            assert len({arrival for _, arrival, _ in line}) == len(line)
+        assert set(_joins(postgres_url).values()) == {1}, "one place per router"
+
+        for tenant, line in lines.items():
+            for router, _, seated in line:
+                decision = fleet.last[(tenant, router)]
+                assert decision.decision == ("accept" if seated else "reject")
+
+        def presence_current(watch: PresenceWatch) -> bool:
+            latest = watch.latest()
+            return all(
+                router in latest
+                and latest[router].state == ("online" if seated else "waiting")
+                for router, _, seated in lines[watch.tenant]
+            )
+
+        for watch in watches:
+            await watch.until(presence_current, timeout=30)
+        survivors = [g for g in gateways if g is not leader]
+        await _until_logged(survivors, "leading the cluster", 10)
+        await _until_logged(survivors, "dead gateway's session ended", 20)
+    finally:
+        for watch in watches:
+            await watch.__aexit__()
+        await fleet.close()
+
+
+async def test_a_new_leader_expires_a_silent_routers_lease_within_seconds(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    await seed_tenant(postgres_url, "TA", basic1=1)
+    gateways = await _cluster(broker, tmp_path, postgres_url, 2, **{"lease-seconds": 3})
+    await _until_logged(gateways, "leading the cluster", 10)
+    first = sim_router(broker, "TA", "R01")
+    second = sim_router(broker, "TA", "R02")
+    await first.connect(will=False)
+    assert (await first.ask())[0].decision == "accept"
+    await second.connect()
+    assert (await second.ask())[0].decision == "reject"
+    await first.disconnect()  # silent: no goodbye, no will
+
+    _leader(gateways).kill()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    heartbeat = asyncio.create_task(_heartbeats(second))
+    try:
+        promoted = await second.next_decision(timeout=15)
+    finally:
+        heartbeat.cancel()
+    assert promoted.decision == "accept"
+    assert promoted.cause == "seat_freed"
+    assert loop.time() - started < 10
+    await second.disconnect()
+
+
+async def _heartbeats(router: SimRouter) -> None:
+    while True:
+        router.heartbeat()
+        await asyncio.sleep(1)
+
+
+def test_the_gateway_refuses_a_store_that_is_not_a_postgresql_url(
+    tmp_path: Path,
+) -> None:
+    result = CliRunner().invoke(cli, ["--store", "mysql://x/y"], env={})
+    assert result.exit_code == 2
+    assert "--store (IRM_STORE) = mysql://x/y: must be a postgresql:// URL" in (
+        result.output
+    )
