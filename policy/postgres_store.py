@@ -35,7 +35,7 @@ from policy.admission import (
 )
 from policy.errors import RuleViolation, StoreError
 from policy.licenses import Capacity, Kind, License, State, Tier
-from policy.store import AuditEntry, RouterRow, Tenant
+from policy.store import AuditEntry, RouterRow, Tenant, TenantData
 from policy.timeutil import to_text as _text
 
 MIGRATIONS = [
@@ -405,6 +405,47 @@ class PostgresStore:
             (now,),
         )
         return sorted(r[0] for r in rows)
+
+    async def import_tenant(
+        self, data: TenantData, capacity: Capacity, now: datetime, actor: str
+    ) -> None:
+        """Store a moved tenant whole, or nothing if it exists here already."""
+        tenant = data.tenant
+        async with self._tx() as db:
+            if await _one(db, "SELECT 1 FROM tenants WHERE tenant = %s", (tenant.id,)):
+                raise RuleViolation(
+                    f"tenant {tenant.id} exists at the destination; nothing was moved"
+                )
+            arrivals = [r[3] for r in data.routers if r[3] is not None]
+            await db.execute(
+                "INSERT INTO tenants VALUES (%s, %s, %s, 1, %s, %s, %s)",
+                (tenant.id, tenant.tz, tenant.created_at, max(arrivals, default=0) + 1,
+                 capacity.seats, _tier(capacity)),
+            )  # fmt: skip
+            async with db.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO licenses (id, tenant, kind, capacity, term_months,"
+                    " issued_at, imported_at, activation_at, state, code)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [(r[0], tenant.id, *r[1:]) for r in data.licenses],
+                )
+                await cur.executemany(
+                    "INSERT INTO routers (tenant, router, epoch, session, arrival,"
+                    " seated, version, first_seen, changed_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s)",
+                    [(tenant.id, *r) for r in data.routers],
+                )
+                await cur.executemany(
+                    "INSERT INTO audit (at, tenant, subject, subject_id, event,"
+                    " detail, actor) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    [(r[0], tenant.id, *r[1:4], json.dumps(r[4]), r[5])
+                     for r in data.audit],
+                )  # fmt: skip
+            detail = {"licenses": len(data.licenses), "routers": len(data.routers)}
+            await _audit(
+                db, [(now, tenant.id, "tenant", tenant.id, "moved", detail)], actor
+            )
+            await _changed(db, tenant.id, now)
 
     # -- audit and changes -------------------------------------------------------
 

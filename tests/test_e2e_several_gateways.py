@@ -11,6 +11,7 @@ earliest arrivals, as many as the capacity, and each router has one place.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from click.testing import CliRunner
 
 from gateway import protocol
 from gateway.__main__ import cli
-from tests.conftest import GatewayProcess, PresenceWatch, sim_router
-from tests.seeding import seed_tenant
+from tests.conftest import BIN, GatewayProcess, PresenceWatch, sim_router
+from tests.seeding import add_available, seed_tenant
 from tools.broker import Broker
 from tools.router import Heard, SimRouter
 
@@ -231,3 +232,31 @@ def test_the_gateway_refuses_a_store_that_is_not_a_postgresql_url(
     assert "--store (IRM_STORE) = mysql://x/y: must be a postgresql:// URL" in (
         result.output
     )
+
+
+async def test_an_activation_by_the_tool_reaches_a_cluster_within_a_second(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    await seed_tenant(postgres_url, "TA")
+    await add_available(postgres_url, "TA", 1)
+    gateways = await _cluster(broker, tmp_path, postgres_url, 2)
+    await _until_logged(gateways, "leading the cluster", 10)
+    router = sim_router(broker, "TA", "R01")
+    await router.connect()
+    first, _ = await router.ask()
+    assert (first.decision, first.reason) == ("reject", "no_valid_license")
+
+    activated = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "irm-tool"), "--store", postgres_url, "activate",
+         "--tenant", "TA", "--all-available"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert activated.returncode == 0, activated.stderr
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    news = await router.next_decision(timeout=5)
+
+    assert (news.decision, news.cause) == ("accept", "capacity")
+    assert loop.time() - started < 2
+    await router.disconnect()
