@@ -58,13 +58,22 @@ class Cluster:
             self.as_user = ["runuser", "-u", "postgres", "--"]
 
     def _run(self, *command: str) -> None:
-        subprocess.run([*self.as_user, *command], check=True, capture_output=True)
+        # Output to a file, not a pipe: the server pg_ctl starts would hold a
+        # pipe open, and waiting for its end would never return.
+        with (self.dir / "commands.log").open("ab") as out:
+            subprocess.run(
+                [*self.as_user, *command], check=True, stdout=out, stderr=out,
+                timeout=120,
+            )  # fmt: skip
 
     def start(self) -> str:
         data = str(self.dir / "data")
         self._run(_binary("initdb"), "-D", data, "-U", "postgres", "-A", "trust")
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-        self._run(_binary("pg_ctl"), "-D", data, "-o", options, "-w", "start")
+        log = str(self.dir / "server.log")
+        self._run(
+            _binary("pg_ctl"), "-D", data, "-o", options, "-l", log, "-w", "start"
+        )
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def stop(self) -> None:
