@@ -1,7 +1,8 @@
 """Run every benchmark and write the figures beside their targets.
 
 ``scripts/bench`` runs this: the policy core alone (``bench/core.py``), then
-the whole path over MQTT, echo beside gateway (``bench/mqtt.py``). Figures
+the whole path over MQTT, echo beside gateway (``bench/mqtt.py``), then 1,
+2 and 3 gateways on one PostgreSQL (``bench/cluster.py``). Figures
 go to ``bench/results/`` as JSON and PNG, with ``summary.md`` comparing
 each with its target.
 """
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import core, mqtt
+from bench import cluster, core, mqtt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -85,7 +86,10 @@ def main() -> None:
     core_figures = core.run(RESULTS, quick=quick)
     print("== the whole path over MQTT")
     mqtt_figures = mqtt.run(RESULTS, quick=quick)
+    print("== several gateways on PostgreSQL")
+    cluster_figures = cluster.run(RESULTS, quick=quick)
     text = summary(core_figures, mqtt_figures)
+    text += "\n".join(cluster.summary_rows(cluster_figures)) + "\n"
     (RESULTS / "summary.md").write_text(text)
     print(text)
     print(f"figures in {RESULTS} ({time.monotonic() - started:.0f} s)")
