@@ -158,8 +158,16 @@ class ClusterGateway(Gateway):
             await conn.close()
 
     async def _become_leader(self) -> None:
-        """Re-read every tenant's licenses: instants may have passed leaderless."""
+        """Start leading from what is stored, as a restarted gateway would.
+
+        Every tenant's licenses are re-read (instants may have passed with
+        no leader) and its line too, at its next lock. Every place gets a
+        fresh lease: if the whole cluster was down, no heartbeat could be
+        heard meanwhile.
+        """
         log.info("leading the cluster", gateway=self.settings.gateway_id)
+        await self.shared.renew_leases(self.clock() + self.admission.lease)
+        self._versions = dict.fromkeys(self._versions, -1)
         self.is_leader.set()
         for tenant in await self.store.tenants():
             licenses = await self.store.licenses(tenant.id)

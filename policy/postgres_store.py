@@ -396,6 +396,14 @@ class PostgresStore:
             }
             yield LockedBatch(db, found)
 
+    async def renew_leases(self, until: datetime) -> None:
+        """Make every lease in line last at least until ``until``."""
+        await self._conn.execute(
+            "UPDATE routers SET lease_until = greatest(lease_until, %s)"
+            " WHERE arrival IS NOT NULL",
+            (until,),
+        )
+
     async def due_leases(self, now: datetime) -> list[str]:
         """Tenants with a place whose lease ran out by ``now``."""
         rows = await _all(
