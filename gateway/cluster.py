@@ -63,6 +63,9 @@ LEADER_RETRY = 1.0
 LEASE_SCAN = 1.0
 """Seconds between the leader's looks for leases that ran out anywhere."""
 
+REPAIR_EVERY = 1.0
+"""Seconds between the leader's looks for tenants whose presence to repair."""
+
 QUIET = 1.0
 """A taken-over session is drained once it has been silent this long."""
 
@@ -83,6 +86,10 @@ class ClusterGateway(Gateway):
         self._versions: dict[str, int] = {}
         self._next_scan = 0.0
         self._peers: dict[str, str] = {}
+        self._renewing: set[str] = set()
+        self._seen: dict[str, int] = {}
+        self._repaired: dict[str, int] = {}
+        self._next_repair = 0.0
         self._takeovers: dict[str, asyncio.Task[None]] = {}
 
     # -- life cycle ------------------------------------------------------
@@ -166,10 +173,12 @@ class ClusterGateway(Gateway):
         heard meanwhile.
         """
         log.info("leading the cluster", gateway=self.settings.gateway_id)
-        await self.shared.renew_leases(self.clock() + self.admission.lease)
         self._versions = dict.fromkeys(self._versions, -1)
+        tenants = await self.store.tenants()
+        self._renewing = {tenant.id for tenant in tenants}
+        self._repaired = {}
         self.is_leader.set()
-        for tenant in await self.store.tenants():
+        for tenant in tenants:
             licenses = await self.store.licenses(tenant.id)
             states = await self.store.license_states(tenant.id)
             self._queue.put_nowait(_Reload(tenant.id, licenses, states))
@@ -192,16 +201,17 @@ class ClusterGateway(Gateway):
             async with self.shared.locked(tenants) as locked:
                 for tenant in sorted(locked.rows):
                     await self._sync(locked, tenant, now)
+                renewed: list[Lease] = []
                 if leader:
-                    batch.events += self.admission.advance(now).events
                     for reload in reloads:
-                        await self._reload(locked, reload, now, batch)
+                        renewed += await self._reload(locked, reload, now, batch)
+                    batch.events += self.admission.advance(now).events
                 for item in items:
                     before = len(batch.events)
                     self._decide_one(item, now, batch)
                     if len(batch.events) == before and item.kind == "hello":
                         repeated.append(item)
-                await self._write(locked, batch, items, now)
+                await self._write(locked, batch, items, renewed, now)
             self.admission.compact()
         except Exception as exc:
             # Our copy of these lines may be ahead of what was stored.
@@ -212,6 +222,9 @@ class ClusterGateway(Gateway):
                     item.done.set_exception(exc)
             raise
         await self._answer(batch, items, repeated, now)
+        if leader and asyncio.get_running_loop().time() >= self._next_repair:
+            self._next_repair = asyncio.get_running_loop().time() + REPAIR_EVERY
+            await self._repair_presence(now)
 
     async def _due(self, now: datetime) -> set[str]:
         """Tenants with time-driven work: our timetable, and leases anywhere."""
@@ -239,20 +252,33 @@ class ClusterGateway(Gateway):
 
     async def _reload(
         self, locked: LockedBatch, reload: _Reload, now: datetime, batch: _Batch
-    ) -> None:
-        if reload.tenant not in locked.rows:
-            return
-        states = await locked.license_states(reload.tenant)
-        outcome = self.admission.load_tenant(
-            reload.tenant, reload.licenses, states, now
-        )
+    ) -> list[Lease]:
+        """Apply a tenant's licenses; on a new leader's first, renew its leases."""
+        tenant = reload.tenant
+        if tenant not in locked.rows:
+            return []
+        states = await locked.license_states(tenant)
+        outcome = self.admission.load_tenant(tenant, reload.licenses, states, now)
         batch.events += outcome.events
-        log.info("licenses reloaded", tenant=reload.tenant)
+        log.info("licenses reloaded", tenant=tenant)
+        if tenant not in self._renewing:
+            return []
+        self._renewing.discard(tenant)
+        until = now + self.admission.lease
+        return [
+            Lease(tenant, place.router, until, None)
+            for place in self.admission.renew_leases(tenant, until)
+        ]
 
     async def _write(
-        self, locked: LockedBatch, batch: _Batch, items: list[_Item], now: datetime
+        self,
+        locked: LockedBatch,
+        batch: _Batch,
+        items: list[_Item],
+        renewed: list[Lease],
+        now: datetime,
     ) -> None:
-        leases = []
+        leases = list(renewed)
         for key in dict.fromkeys((i.tenant, i.router) for i in items):
             lease = self.admission.lease_of(*key)
             if lease is not None and key[0] in locked.rows:
@@ -286,6 +312,37 @@ class ClusterGateway(Gateway):
                 )
         for item in items:
             item.done.set_result(None)
+
+    async def _repair_presence(self, now: datetime) -> None:
+        """Republish the presence of routers of tenants that went quiet.
+
+        Two gateways publish after their own commits, so two decisions about
+        one router in the same few milliseconds can reach the broker in the
+        other order. Once a tenant has been unchanged for a second, the
+        routers changed since its last repair are published again from the
+        store, under the tenant's lock so no decision slips in between.
+        """
+        versions = await self.shared.tenant_versions()
+        quiet = set()
+        for tenant, version in versions.items():
+            if self._seen.get(tenant) == version != self._repaired.get(tenant):
+                quiet.add(tenant)
+            self._seen[tenant] = version
+        if not quiet:
+            return
+        async with self.shared.locked(quiet) as locked:
+            for tenant, row in sorted(locked.rows.items()):
+                since = self._repaired.get(tenant, -1)
+                for router, epoch, place, _ in await locked.changed_places(
+                    tenant, since
+                ):
+                    state = "offline"
+                    if place is not None:
+                        state = "online" if place.seated else "waiting"
+                    await self._publish_presence(
+                        tenant, router, state, epoch, "repair", now
+                    )
+                self._repaired[tenant] = row.version
 
     # -- receiving, and the peers' sessions ---------------------------------------
 

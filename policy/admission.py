@@ -495,6 +495,19 @@ class Admission:
                 self._wills[(tenant, router)] = will
             self._watch(place)
 
+    def renew_leases(self, tenant: str, until: datetime) -> list[Place]:
+        """Make every place of a tenant's line last at least until ``until``.
+
+        A place whose last will was heard keeps its short grace.
+        """
+        renewed = []
+        for place in self.lines[tenant].places.values():
+            if place.lease_until < until and (tenant, place.router) not in self._wills:
+                place.lease_until = until
+                self._watch(place)
+                renewed.append(place)
+        return renewed
+
     def lease_of(self, tenant: str, router: str) -> tuple[datetime, str | None] | None:
         """A place's lease end and the session whose will cut it, if in line."""
         line = self.lines.get(tenant)

@@ -396,13 +396,9 @@ class PostgresStore:
             }
             yield LockedBatch(db, found)
 
-    async def renew_leases(self, until: datetime) -> None:
-        """Make every lease in line last at least until ``until``."""
-        await self._conn.execute(
-            "UPDATE routers SET lease_until = greatest(lease_until, %s)"
-            " WHERE arrival IS NOT NULL",
-            (until,),
-        )
+    async def tenant_versions(self) -> dict[str, int]:
+        rows = await _all(self._conn, "SELECT tenant, version FROM tenants")
+        return {r[0]: r[1] for r in rows}
 
     async def due_leases(self, now: datetime) -> list[str]:
         """Tenants with a place whose lease ran out by ``now``."""

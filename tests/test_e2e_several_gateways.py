@@ -184,6 +184,18 @@ async def test_three_gateways_one_killed_keep_first_come_first_served_exact(
         survivors = [g for g in gateways if g is not leader]
         await _until_logged(survivors, "leading the cluster", 10)
         await _until_logged(survivors, "dead gateway's session ended", 20)
+
+        def repaired(watch: PresenceWatch) -> bool:
+            latest = watch.latest()
+            return len(latest) == ROUTERS_PER_TENANT and all(
+                p.reason == "repair" for p in latest.values()
+            )
+
+        # The new leader republishes every quiet tenant's presence from the
+        # store, and it is what the store says.
+        for watch in watches:
+            await watch.until(repaired, timeout=20)
+            assert presence_current(watch)
     finally:
         for watch in watches:
             await watch.__aexit__()
