@@ -272,3 +272,124 @@ async def test_an_activation_by_the_tool_reaches_a_cluster_within_a_second(
     assert (news.decision, news.cause) == ("accept", "capacity")
     assert loop.time() - started < 2
     await router.disconnect()
+
+
+def _rows(url: str, tenant: str) -> dict[str, tuple[int | None, bool, int]]:
+    """``router -> (arrival, seated, epoch)`` as PostgreSQL has them."""
+    with psycopg.connect(url) as db:
+        rows = db.execute(
+            "SELECT router, arrival, seated, epoch FROM routers WHERE tenant = %s",
+            (tenant,),
+        ).fetchall()
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+async def _seated(broker: Broker, names: list[str]) -> dict[str, SimRouter]:
+    routers = {}
+    for name in names:
+        router = sim_router(broker, "T8", name)
+        await router.connect()
+        decision, _ = await router.ask()
+        assert decision.decision == "accept"
+        routers[name] = router
+    return routers
+
+
+async def test_ten_hellos_at_once_over_two_gateways_seat_exactly_the_first_eight(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    """F06 across gateways: the two rejected are the last two PostgreSQL saw."""
+    await seed_tenant(postgres_url, "T8", basic1=8)
+    await _cluster(broker, tmp_path, postgres_url, 2)
+    routers = [sim_router(broker, "T8", f"R{i:02d}") for i in range(1, 11)]
+    await asyncio.gather(*(r.connect() for r in routers))
+    for router in routers:
+        router.hello()
+    answers = [await r.next_decision(15) for r in routers]
+
+    stored = _rows(postgres_url, "T8")
+    order = sorted(stored, key=lambda r: stored[r][0] or 0)
+    assert [stored[r][1] for r in order] == [True] * 8 + [False] * 2
+    by_router = {a.router: a for a in answers}
+    assert [by_router[r].decision for r in order] == ["accept"] * 8 + ["reject"] * 2
+    assert [by_router[r].position for r in order[8:]] == [1, 2]
+    await asyncio.gather(*(r.disconnect() for r in routers))
+
+
+async def test_duplicate_hellos_over_two_gateways_get_one_seat_and_one_answer(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    """F05: the same hello again and again, whichever gateway gets it."""
+    await seed_tenant(postgres_url, "T8", basic1=8)
+    await _cluster(broker, tmp_path, postgres_url, 2)
+    r05 = sim_router(broker, "T8", "R05")
+    await r05.connect()
+    answers = [(await r05.ask())[0] for _ in range(4)]
+    ref = r05.hello("same-ref")
+    r05.hello(ref)
+    answers += [await r05.next_decision(), await r05.next_decision()]
+
+    assert {(a.decision, a.reason, a.epoch, a.position) for a in answers} == {
+        ("accept", "licensed", 1, None)
+    }
+    assert _rows(postgres_url, "T8")["R05"] == (1, True, 1)
+    await r05.disconnect()
+
+
+async def test_a_reconnect_whose_old_will_comes_first_keeps_its_seat_and_place(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    """F02 across gateways: the stale will and the new hello may go to two."""
+    await seed_tenant(postgres_url, "T8", basic1=2)
+    await _cluster(broker, tmp_path, postgres_url, 2, **{"grace-seconds": 1})
+    routers = await _seated(broker, ["R01", "R02"])
+    r03 = sim_router(broker, "T8", "R03")
+    await r03.connect()
+    assert (await r03.ask())[0].decision == "reject"
+    before = _rows(postgres_url, "T8")["R01"]
+
+    await routers["R01"].drop()
+    routers["R01"].new_session()
+    await routers["R01"].connect()
+    decision, _ = await routers["R01"].ask()
+    heartbeat = asyncio.create_task(_heartbeats(routers["R01"]))
+    try:
+        with pytest.raises(TimeoutError):
+            await r03.next_decision(timeout=3)  # no seat is freed for R03
+    finally:
+        heartbeat.cancel()
+
+    assert (decision.decision, decision.epoch) == ("accept", before[2] + 1)
+    assert _rows(postgres_url, "T8")["R01"] == (before[0], True, before[2] + 1)
+    await asyncio.gather(*(r.disconnect() for r in [*routers.values(), r03]))
+
+
+async def test_hellos_sent_while_every_gateway_is_down_are_all_answered(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    """F04: both stopped; one comes back and answers both sessions' queues.
+
+    The broker shared the hellos out over both gateways' sessions, so they
+    are decided session by session: the line is in the order PostgreSQL
+    recorded them, and each router is told its place in that line.
+    """
+    await seed_tenant(postgres_url, "T8", basic1=2)
+    gateways = await _cluster(broker, tmp_path, postgres_url, 2)
+    routers = await _seated(broker, ["R01", "R02"])
+    for gateway in gateways:
+        assert gateway.stop() == 0
+    late = [sim_router(broker, "T8", name) for name in ("R09", "R10", "R11", "R12")]
+    for router in late:
+        await router.connect()
+        router.hello()
+
+    await gateways[0].start()
+    answers = [await r.next_decision(20) for r in late]
+
+    stored = _rows(postgres_url, "T8")
+    order = sorted((stored[r.router][0] or 0, r.router) for r in late)
+    told = {a.router: (a.decision, a.position) for a in answers}
+    assert [told[router] for _, router in order] == [
+        ("reject", 1), ("reject", 2), ("reject", 3), ("reject", 4),
+    ]  # fmt: skip
+    await asyncio.gather(*(r.disconnect() for r in [*routers.values(), *late]))
