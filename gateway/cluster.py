@@ -81,8 +81,7 @@ class ClusterGateway(Gateway):
     ) -> None:
         super().__init__(settings, store, clock)
         self.shared = store
-        self.is_leader = asyncio.Event()
-        """Set while this gateway leads; once-per-cluster work waits for it."""
+        self.is_leader.clear()  # until the leader lock is ours
         self._versions: dict[str, int] = {}
         self._next_scan = 0.0
         self._peers: dict[str, str] = {}
@@ -199,8 +198,7 @@ class ClusterGateway(Gateway):
         repeated: list[_Item] = []
         try:
             async with self.shared.locked(tenants) as locked:
-                for tenant in sorted(locked.rows):
-                    await self._sync(locked, tenant, now)
+                await self._sync(locked, now)
                 renewed: list[Lease] = []
                 if leader:
                     for reload in reloads:
@@ -235,20 +233,29 @@ class ClusterGateway(Gateway):
             due.update(await self.shared.due_leases(now))
         return due
 
-    async def _sync(self, locked: LockedBatch, tenant: str, now: datetime) -> None:
-        """Bring our copy of a locked tenant's line up to what is stored."""
-        row = locked.rows[tenant]
-        mine = self._versions.get(tenant, -1)
-        if row.version != mine or tenant not in self.admission.lines:
-            changed = await locked.changed_places(tenant, mine)
+    async def _sync(self, locked: LockedBatch, now: datetime) -> None:
+        """Bring our copy of the locked tenants' lines up to what is stored."""
+        stale = {
+            tenant: self._versions.get(tenant, -1)
+            if tenant in self.admission.lines
+            else -1
+            for tenant, row in locked.rows.items()
+            if row.version != self._versions.get(tenant, -1)
+            or tenant not in self.admission.lines
+        }
+        if stale:
             fresh = now + self.admission.lease
-            for _, _, place, _ in changed:
-                if place is not None and place.lease_until.year == 1:
-                    place.lease_until = fresh  # moved in, never leased here
-            reset = mine < 0 or tenant not in self.admission.lines
-            self.admission.adopt(tenant, row.capacity, changed, reset=reset)
-            self._versions[tenant] = row.version
-        self.admission.next_arrival = max(self.admission.next_arrival, row.next_arrival)
+            changed = await locked.changed_places(stale, fresh)
+            for tenant, since in stale.items():
+                row = locked.rows[tenant]
+                self.admission.adopt(
+                    tenant, row.capacity, changed[tenant], reset=since < 0
+                )
+                self._versions[tenant] = row.version
+        for row in locked.rows.values():
+            self.admission.next_arrival = max(
+                self.admission.next_arrival, row.next_arrival
+            )
 
     async def _reload(
         self, locked: LockedBatch, reload: _Reload, now: datetime, batch: _Batch
@@ -331,11 +338,10 @@ class ClusterGateway(Gateway):
         if not quiet:
             return
         async with self.shared.locked(quiet) as locked:
+            since = {tenant: self._repaired.get(tenant, -1) for tenant in locked.rows}
+            changed = await locked.changed_places(since, now)
             for tenant, row in sorted(locked.rows.items()):
-                since = self._repaired.get(tenant, -1)
-                for router, epoch, place, _ in await locked.changed_places(
-                    tenant, since
-                ):
+                for router, epoch, place, _ in changed[tenant]:
                     state = "offline"
                     if place is not None:
                         state = "online" if place.seated else "waiting"

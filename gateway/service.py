@@ -125,6 +125,10 @@ class Gateway:
         self._startup: list[Event] = []
         self.ready = asyncio.Event()
         """Set once subscribed and announced; the retained status says so too."""
+        self.is_leader = asyncio.Event()
+        """Set while this gateway may do once-per-deployment work (a gateway
+        alone always may; in a cluster, the leader: gateway/cluster.py)."""
+        self.is_leader.set()
 
     # -- life cycle ------------------------------------------------------
 

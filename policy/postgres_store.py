@@ -124,6 +124,9 @@ class Lease:
 
 Conn = psycopg.AsyncConnection[TupleRow]
 
+Changed = tuple[str, int, Place | None, str | None]
+"""A router as another writer left it: (router, epoch, place, will_session)."""
+
 
 class PostgresStore:
     """:class:`policy.store.Store` on PostgreSQL, for several gateways."""
@@ -498,30 +501,29 @@ class LockedBatch:
         self.rows = rows
 
     async def changed_places(
-        self, tenant: str, since: int
-    ) -> list[tuple[str, int, Place | None, str | None]]:
-        """Routers another writer changed after version ``since``.
+        self, since: Mapping[str, int], fresh: datetime
+    ) -> dict[str, list[Changed]]:
+        """Per tenant, the routers another writer changed after ``since[tenant]``.
 
         Each is ``(router, epoch, place, will_session)``, ``place`` None when
-        the router is not in line; a lease not stored yet is None too.
+        the router is not in line. A place with no stored lease (moved in
+        by the tool) gets one until ``fresh``. One query for all tenants.
         """
+        tenants = sorted(since)
         rows = await _all(
             self.db,
-            "SELECT router, epoch, session, arrival, seated, lease_until,"
-            " will_session FROM routers WHERE tenant = %s AND version > %s",
-            (tenant, since),
+            "SELECT r.tenant, router, epoch, session, arrival, seated, lease_until,"
+            " will_session FROM routers r JOIN unnest(%s::text[], %s::bigint[])"
+            " AS s(tenant, since) ON r.tenant = s.tenant WHERE r.version > s.since",
+            (tenants, [since[t] for t in tenants]),
         )
-        found = []
-        for router, epoch, session, arrival, seated, lease, will in rows:
+        found: dict[str, list[Changed]] = {t: [] for t in tenants}
+        for tenant, router, epoch, session, arrival, seated, lease, will in rows:
             place = None
             if arrival is not None:
-                until = (
-                    _utc(lease)
-                    if lease is not None
-                    else datetime.min.replace(tzinfo=UTC)
-                )
+                until = _utc(lease) if lease is not None else fresh
                 place = Place(tenant, router, session, epoch, arrival, seated, until)
-            found.append((router, epoch, place, will))
+            found[tenant].append((router, epoch, place, will))
         return found
 
     async def license_states(self, tenant: str) -> dict[str, State]:
