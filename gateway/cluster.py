@@ -115,6 +115,17 @@ class ClusterGateway(Gateway):
         leading = asyncio.create_task(self._lead(stop), name="lead")
         try:
             await super()._decide_until(stop)
+        except Exception:
+            # Say so before leaving, so that the leader answers what the broker
+            # queues for us while we are gone.
+            offline = protocol.GatewayStatus(
+                gateway=self.settings.gateway_id, state="offline"
+            )
+            topic = protocol.status_topic(
+                self.settings.prefix, self.settings.gateway_id
+            )
+            await self._publish(topic, offline, retain=True)
+            raise
         finally:
             leading.cancel()
             for task in [leading, *self._takeovers.values()]:

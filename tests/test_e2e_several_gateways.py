@@ -393,3 +393,36 @@ async def test_hellos_sent_while_every_gateway_is_down_are_all_answered(
         ("reject", 1), ("reject", 2), ("reject", 3), ("reject", 4),
     ]  # fmt: skip
     await asyncio.gather(*(r.disconnect() for r in [*routers.values(), *late]))
+
+
+async def test_a_gateway_that_loses_postgresql_leaves_and_its_hellos_are_answered(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    await seed_tenant(postgres_url, "T8", basic1=8)
+    gateways = await _cluster(broker, tmp_path, postgres_url, 1)
+    await _until_logged(gateways, "leading the cluster", 10)
+    second = GatewayProcess(
+        broker,
+        tmp_path / "unused.db",
+        tmp_path / "gw2.log",
+        store=f"{postgres_url}?application_name=second",
+        **{"gateway-id": "gw2"},
+    )
+    await second.start()
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'second'"
+        )
+    routers = [sim_router(broker, "T8", f"R{i:02d}") for i in range(1, 21)]
+    await asyncio.gather(*(r.connect() for r in routers))
+    for router in routers:
+        router.hello()
+
+    answers = [await r.next_decision(20) for r in routers]
+
+    assert sum(a.decision == "accept" for a in answers) == 8
+    assert second.process is not None
+    assert await asyncio.to_thread(second.process.wait, 20) == 1
+    assert _logged([second], "gateway failed")
+    await asyncio.gather(*(r.disconnect() for r in routers))
