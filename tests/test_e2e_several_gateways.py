@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 
 from gateway import protocol
 from gateway.__main__ import cli
+from policy.timeutil import from_text, to_text
 from tests.conftest import BIN, GatewayProcess, PresenceWatch, sim_router
 from tests.seeding import add_available, seed_tenant
 from tools.broker import Broker
@@ -258,13 +260,7 @@ async def test_an_activation_by_the_tool_reaches_a_cluster_within_a_second(
     first, _ = await router.ask()
     assert (first.decision, first.reason) == ("reject", "no_valid_license")
 
-    activated = await asyncio.to_thread(
-        subprocess.run,
-        [str(BIN / "irm-tool"), "--store", postgres_url, "activate",
-         "--tenant", "TA", "--all-available"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert activated.returncode == 0, activated.stderr
+    await _tool(postgres_url, "activate", "--tenant", "TA", "--all-available")
     loop = asyncio.get_running_loop()
     started = loop.time()
     news = await router.next_decision(timeout=5)
@@ -426,3 +422,45 @@ async def test_a_gateway_that_loses_postgresql_leaves_and_its_hellos_are_answere
     assert await asyncio.to_thread(second.process.wait, 20) == 1
     assert _logged([second], "gateway failed")
     await asyncio.gather(*(r.disconnect() for r in routers))
+
+
+async def _tool(url: str, *args: str) -> None:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "irm-tool"), "--store", url, *args],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+async def test_a_scheduled_activation_happens_at_its_instant_after_the_leader_died(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    await seed_tenant(postgres_url, "T", basic1=1)
+    spare = await add_available(postgres_url, "T", 1)
+    gateways = await _cluster(broker, tmp_path, postgres_url, 2)
+    await _until_logged(gateways, "leading the cluster", 10)
+    first, second = sim_router(broker, "T", "R1"), sim_router(broker, "T", "R2")
+    for router in (first, second):
+        await router.connect()
+        await router.ask()
+
+    at = datetime.now(UTC) + timedelta(seconds=4)
+    await _tool(postgres_url, "activate", "--tenant", "T", spare[0].id, "--at",
+                to_text(at) or "")  # fmt: skip
+    _leader(gateways).kill()
+    admitted = await second.next_decision(timeout=15)
+
+    assert (admitted.decision, admitted.cause) == ("accept", "capacity")
+    decided = from_text(admitted.at)
+    assert decided is not None
+    assert at <= decided < at + timedelta(seconds=3)
+    with psycopg.connect(postgres_url) as db:
+        states = db.execute("SELECT state FROM licenses").fetchall()
+        granted = db.execute(
+            "SELECT count(*) FROM audit WHERE event = 'seat_granted'"
+        ).fetchone()
+    assert states == [("active",), ("active",)]
+    assert granted == (1,), "the instant took effect once"
+    await first.disconnect()
+    await second.disconnect()
