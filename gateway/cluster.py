@@ -161,7 +161,7 @@ class ClusterGateway(Gateway):
                     )
                     row = await cursor.fetchone()
                     if row is not None and row[0]:
-                        await self._become_leader()
+                        await self._become_leader(PostgresStore(conn, self.shared.url))
                 if self.is_leader.is_set():
                     self._take_over_dead_peers()
             except (psycopg.Error, OSError) as exc:
@@ -174,23 +174,24 @@ class ClusterGateway(Gateway):
         if conn is not None:
             await conn.close()
 
-    async def _become_leader(self) -> None:
+    async def _become_leader(self, reader: PostgresStore) -> None:
         """Start leading from what is stored, as a restarted gateway would.
 
         Every tenant's licenses are re-read (instants may have passed with
         no leader) and its line too, at its next lock. Every place gets a
         fresh lease: if the whole cluster was down, no heartbeat could be
-        heard meanwhile.
+        heard meanwhile. ``reader`` is the leader lock's connection, so these
+        reads stay out of the decider's transactions.
         """
         log.info("leading the cluster", gateway=self.settings.gateway_id)
         self._versions = dict.fromkeys(self._versions, -1)
-        tenants = await self.store.tenants()
+        tenants = await reader.tenants()
         self._renewing = {tenant.id for tenant in tenants}
         self._repaired = {}
         self.is_leader.set()
         for tenant in tenants:
-            licenses = await self.store.licenses(tenant.id)
-            states = await self.store.license_states(tenant.id)
+            licenses = await reader.licenses(tenant.id)
+            states = await reader.license_states(tenant.id)
             self._queue.put_nowait(_Reload(tenant.id, licenses, states))
 
     # -- deciding under the tenants' locks -----------------------------------------
