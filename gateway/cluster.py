@@ -90,6 +90,7 @@ class ClusterGateway(Gateway):
         self._repaired: dict[str, int] = {}
         self._next_repair = 0.0
         self._takeovers: dict[str, asyncio.Task[None]] = {}
+        self._failed = False
 
     # -- life cycle ------------------------------------------------------
 
@@ -107,6 +108,8 @@ class ClusterGateway(Gateway):
 
     async def _on_connected(self) -> None:
         assert self._mqtt is not None
+        if self._failed:
+            return  # leaving: a reconnect must not subscribe or say online
         status = protocol.status_topic(self.settings.prefix, "+")
         self._mqtt.subscribe(status, retained=True)
         await super()._on_connected()
@@ -117,7 +120,8 @@ class ClusterGateway(Gateway):
             await super()._decide_until(stop)
         except Exception:
             # Say so before leaving, so that the leader answers what the broker
-            # queues for us while we are gone.
+            # queues for us while we are gone; and take no more hellos.
+            self._failed = True
             offline = protocol.GatewayStatus(
                 gateway=self.settings.gateway_id, state="offline"
             )
@@ -394,29 +398,44 @@ class ClusterGateway(Gateway):
                 self._takeovers[peer] = task
 
     async def _take_over(self, peer: str) -> None:
-        """Answer what the broker queued for a dead peer, then end its session."""
+        """Answer what the broker queued for a dead peer, then end its session.
+
+        The session counts as drained once it has been ours, with no hello
+        being decided, for :data:`QUIET` seconds. A peer still on its way out
+        may take its session back for a moment; each reconnect of ours starts
+        the quiet time again, so nothing queued is discarded unanswered.
+        """
         client_id = f"irm-gateway-{peer}"
         log.warning("taking over a dead gateway's session", peer=peer)
-        handled = 0
-        last = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        handled = pending = 0
+        last = loop.time()
 
         async def handler(inbound: Inbound) -> None:
-            nonlocal handled, last
-            await self._on_message(inbound)
+            nonlocal handled, pending, last
+            pending += 1
+            try:
+                await self._on_message(inbound)
+            finally:
+                pending -= 1
+                last = loop.time()
             handled += 1
-            last = asyncio.get_running_loop().time()
 
         async def connected() -> None:
-            assert session is not None
+            nonlocal last
+            last = loop.time()
             session.unsubscribe(*self._topics())
+
+        def drained() -> bool:
+            return session.connected and not pending and loop.time() - last >= QUIET
 
         session = self._peer_session(client_id, handler, connected, persistent=True)
         async with asyncio.timeout(TAKEOVER_LIMIT):
             async with session:
                 # Silence has no event to await: look at the clock a few times.
-                while asyncio.get_running_loop().time() - last < QUIET:  # noqa: ASYNC110
+                while not drained():  # noqa: ASYNC110
                     await asyncio.sleep(QUIET / 4)
-            # A clean session of that id discards the old one and its queue.
+            # A clean session of that id discards the old one, now empty.
             async with self._peer_session(client_id, handler, _nothing, False):
                 pass
         self._peers[peer] = "taken over"

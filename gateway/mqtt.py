@@ -163,6 +163,11 @@ class Mqtt:
                 break
         return self
 
+    @property
+    def connected(self) -> bool:
+        """True while the broker connection is up."""
+        return self._connected.is_set()
+
     def give_up(self) -> None:
         """Stop waiting for the broker: publishes that cannot go out now are
         dropped, and inbound messages stay unacknowledged, so the broker
