@@ -22,11 +22,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import gmqtt
 import psycopg
 
 from bench.mqtt import BIN, Service, load, machine, rss_kib
-from gateway import protocol
 from tools.broker import Broker
 
 SERVER = os.environ.get(
@@ -77,28 +75,6 @@ class Database:
             )
 
 
-async def until_online(port: int, gateway: str, timeout: float) -> bool:
-    """True once ``gateway``'s own retained status says online."""
-    online = asyncio.Event()
-
-    def on_message(client: object, topic: str, payload: bytes, *rest: object) -> int:
-        if protocol.GatewayStatus.model_validate_json(payload).state == "online":
-            online.set()
-        return 0
-
-    client = gmqtt.Client(None)
-    client.on_message = on_message
-    await client.connect("127.0.0.1", port)
-    client.subscribe(protocol.status_topic(protocol.PREFIX, gateway), qos=1)
-    try:
-        await asyncio.wait_for(online.wait(), timeout)
-    except TimeoutError:
-        return False
-    finally:
-        await client.disconnect()
-    return True
-
-
 def cluster_leg(
     port: int, work: Path, count: int, tenants: tuple[str, ...], spec: dict[str, Any]
 ) -> dict[str, Any]:
@@ -113,11 +89,9 @@ def cluster_leg(
                      "--store", url, "--gateway-id", f"bench{n}",
                      "--log-level", "warning", "--log-format", "json",
                      "--lease-seconds", "600", "--uvloop"],
-                    work / f"gateway{count}-{n}.log",
+                    work / f"gateway{count}-{n}.log", f"bench{n}",
                 )  # fmt: skip
                 gateway.start(port)
-                if not asyncio.run(until_online(port, f"bench{n}", 30)):
-                    raise RuntimeError(f"gateway bench{n} did not come online")
                 gateways.append(gateway)
             closed = load(port, tenants=tenants, mode="closed", **spec).report()
             rss = [rss_kib(g.process.pid) for g in gateways if g.process is not None]
@@ -146,7 +120,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     figures: dict[str, Any] = {"machine": machine(), "quick": quick, **spec}
     try:
         echo = Service(
-            [sys.executable, "-m", "bench.echo", str(port)], work / "echo.log"
+            [sys.executable, "-m", "bench.echo", str(port)], work / "echo.log", "echo"
         )
         echo.start(port)
         print("echo: closed loop")

@@ -23,8 +23,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import gmqtt
+
+from gateway import protocol
 from tools.broker import Broker
-from tools.fleet import wait_for_gateway
 from tools.load import LoadSpec, Summary, run_load
 
 BIN = Path(sys.executable).parent
@@ -83,15 +85,21 @@ async def seed(database: Path, tenants: list[str], seats_each: int) -> None:
 class Service:
     """The echo or the gateway, as a child process on the broker."""
 
-    def __init__(self, command: list[str], log: Path) -> None:
+    def __init__(self, command: list[str], log: Path, name: str) -> None:
         self.command = command
         self.log = log
+        self.name = name
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, port: int) -> None:
+        """Start, and return once its own retained status says online.
+
+        Its own: the echo's retained ``online`` stays on the broker after the
+        echo stopped, and a gateway is subscribed only once it says so.
+        """
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(self.command, stdout=out, stderr=out)
-        if not asyncio.run(wait_for_gateway("127.0.0.1", port, "irm/v1", 30)):
+        if not asyncio.run(until_online(port, self.name, 30)):
             raise RuntimeError(f"{self.command[0]} did not come online: {self.log}")
 
     def stop(self) -> None:
@@ -99,6 +107,30 @@ class Service:
             self.process.terminate()
             self.process.wait(timeout=60)
             self.process = None
+
+
+async def until_online(port: int, name: str, timeout: float) -> bool:
+    """True once the retained status of gateway ``name`` says online."""
+    online = asyncio.Event()
+
+    def on_message(client: object, topic: str, payload: bytes, *rest: object) -> int:
+        if protocol.GatewayStatus.model_validate_json(payload).state == "online":
+            online.set()
+        else:
+            online.clear()
+        return 0
+
+    client = gmqtt.Client(None)
+    client.on_message = on_message
+    await client.connect("127.0.0.1", port)
+    client.subscribe(protocol.status_topic(protocol.PREFIX, name), qos=1)
+    try:
+        await asyncio.wait_for(online.wait(), timeout)
+    except TimeoutError:
+        return False
+    finally:
+        await client.disconnect()
+    return True
 
 
 def load(port: int, **options: Any) -> Summary:
@@ -160,7 +192,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     figures: dict[str, Any] = {"machine": machine(), "quick": quick}
     try:
         echo = Service(
-            [sys.executable, "-m", "bench.echo", str(port)], work / "echo.log"
+            [sys.executable, "-m", "bench.echo", str(port)], work / "echo.log", "echo"
         )
         echo.start(port)
         figures.update(leg("echo", port, tenants, routers, rates, duration, processes))
@@ -174,7 +206,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
             [str(BIN / "irm-gateway"), "--broker-port", str(port), "--database",
              str(database), "--log-level", "warning", "--log-format", "json",
              "--lease-seconds", "600", "--uvloop"],
-            work / "gateway.log",
+            work / "gateway.log", "gw1",
         )  # fmt: skip
         gateway.start(port)
         assert gateway.process is not None
