@@ -79,7 +79,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
             [str(BIN / "irm-gateway"), "--broker-port", str(broker.port),
              "--database", str(database), "--log-level", "warning",
              "--log-format", "json", "--lease-seconds", "600"],
-            work / "gateway.log",
+            work / "gateway.log", "gw1",
         )  # fmt: skip
         gateway.start(broker)
         print(f"flood: others alone at {rate}/s")

@@ -23,8 +23,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import gmqtt
+
+from gateway import protocol
 from tools.broker import Broker
-from tools.fleet import wait_for_gateway
 from tools.load import LoadSpec, Summary, run_load
 
 BIN = Path(sys.executable).parent
@@ -85,12 +87,18 @@ class Service:
     with the gateway's account (given in the environment, as an operator
     would)."""
 
-    def __init__(self, command: list[str], log: Path) -> None:
+    def __init__(self, command: list[str], log: Path, name: str) -> None:
         self.command = command
         self.log = log
+        self.name = name
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, broker: Broker) -> None:
+        """Start, and return once its own retained status says online.
+
+        Its own: the echo's retained ``online`` stays on the broker after the
+        echo stopped, and a gateway is subscribed only once it says so.
+        """
         user, password = broker.gateway
         env = {**os.environ, "IRM_BROKER_USERNAME": user}
         env["IRM_BROKER_PASSWORD"] = password
@@ -98,8 +106,7 @@ class Service:
             self.process = subprocess.Popen(
                 self.command, stdout=out, stderr=out, env=env
             )
-        online = wait_for_gateway("127.0.0.1", broker.port, "irm/v1", 30, broker.admin)
-        if not asyncio.run(online):
+        if not asyncio.run(until_online(broker, self.name, 30)):
             raise RuntimeError(f"{self.command[0]} did not come online: {self.log}")
 
     def stop(self) -> None:
@@ -107,6 +114,31 @@ class Service:
             self.process.terminate()
             self.process.wait(timeout=60)
             self.process = None
+
+
+async def until_online(broker: Broker, name: str, timeout: float) -> bool:
+    """True once the retained status of gateway ``name`` says online."""
+    online = asyncio.Event()
+
+    def on_message(client: object, topic: str, payload: bytes, *rest: object) -> int:
+        if protocol.GatewayStatus.model_validate_json(payload).state == "online":
+            online.set()
+        else:
+            online.clear()
+        return 0
+
+    client = gmqtt.Client(None)
+    client.set_auth_credentials(*broker.admin)
+    client.on_message = on_message
+    await client.connect("127.0.0.1", broker.port)
+    client.subscribe(protocol.status_topic(protocol.PREFIX, name), qos=1)
+    try:
+        await asyncio.wait_for(online.wait(), timeout)
+    except TimeoutError:
+        return False
+    finally:
+        await client.disconnect()
+    return True
 
 
 def load(broker: Broker, **options: Any) -> Summary:
@@ -181,7 +213,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     figures: dict[str, Any] = {"machine": machine(), "quick": quick}
     try:
         echo = Service(
-            [sys.executable, "-m", "bench.echo", str(port)], work / "echo.log"
+            [sys.executable, "-m", "bench.echo", str(port)], work / "echo.log", "echo"
         )
         echo.start(broker)
         figures.update(
@@ -199,7 +231,7 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
              "--lease-seconds", "600", "--uvloop",
              # The load's routers say hello far more often than real ones.
              "--hello-rate", "1000000", "--hello-burst", "1000000"],
-            work / "gateway.log",
+            work / "gateway.log", "gw1",
         )  # fmt: skip
         gateway.start(broker)
         assert gateway.process is not None

@@ -2,7 +2,8 @@
 
 ``scripts/bench`` runs this: the policy core alone (``bench/core.py``), then
 the whole path over MQTT, echo beside gateway (``bench/mqtt.py``), then
-the others' latency beside one flooding router (``bench/flood.py``). Figures
+the others' latency beside one flooding router (``bench/flood.py``), then 1,
+2 and 3 gateways on one PostgreSQL (``bench/cluster.py``). Figures
 go to ``bench/results/`` as JSON and PNG, with ``summary.md`` comparing
 each with its target.
 """
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import core, flood, mqtt
+from bench import cluster, core, flood, mqtt
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -100,7 +101,10 @@ def main() -> None:
     mqtt_figures = mqtt.run(RESULTS, quick=quick)
     print("== one router floods hellos")
     flood_figures = flood.run(RESULTS, quick=quick)
+    print("== several gateways on PostgreSQL")
+    cluster_figures = cluster.run(RESULTS, quick=quick)
     text = summary(core_figures, mqtt_figures, flood_figures)
+    text += "\n".join(cluster.summary_rows(cluster_figures)) + "\n"
     (RESULTS / "summary.md").write_text(text)
     print(text)
     print(f"figures in {RESULTS} ({time.monotonic() - started:.0f} s)")

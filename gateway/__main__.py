@@ -22,10 +22,13 @@ import structlog
 from click.core import ParameterSource
 
 from gateway import logs, metrics, reminders, web
+from gateway.cluster import ClusterGateway
 from gateway.config import ENV_PREFIX, ConfigError, Loaded, Settings, load, shown
 from gateway.service import Gateway
 from policy.errors import IrmError
+from policy.postgres_store import PostgresStore
 from policy.sqlite_store import SqliteStore
+from policy.store import Store
 
 log = structlog.get_logger("gateway")
 
@@ -38,10 +41,18 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    store = await SqliteStore.open(settings.database, create=False)
-    reminding = asyncio.create_task(reminders.remind(settings), name="reminders")
-    try:
+    gateway: Gateway
+    store: Store
+    if settings.store is not None:
+        store = shared = await PostgresStore.open(settings.store)
+        gateway = ClusterGateway(settings, shared)
+    else:
+        store = await SqliteStore.open(settings.database, create=False)
         gateway = Gateway(settings, store)
+    reminding = asyncio.create_task(
+        reminders.remind(settings, gateway.is_leader), name="reminders"
+    )
+    try:
         async with (
             web.serving(gateway, settings.http_host, settings.http_port),
             metrics.alarms_checked(gateway.metrics),
@@ -62,6 +73,12 @@ OPTIONS = [
     ("broker_username", "NAME", "Broker account of the gateway."),
     ("broker_password", "SECRET", "Its password."),
     ("database", "PATH", "SQLite file shared with irm-tool."),
+    (
+        "store",
+        "URL",
+        "postgresql:// URL that several gateways share (then no --database).",
+    ),
+    ("share_group", "NAME", "Gateways of one store share hellos in this MQTT group."),
     ("prefix", "TOPIC", "Topic prefix of the protocol."),
     ("gateway_id", "NAME", "Names the gateway's MQTT session."),
     ("lease_seconds", "SECONDS", "A silent router's seat lasts this (1 to 86400)."),

@@ -51,6 +51,16 @@ class Settings(BaseSettings):
     broker_username: str | None = None
     broker_password: str | None = None
     database: Path = Path("irm.db")
+    store: str | None = Field(
+        None,
+        pattern=r"^postgres(ql)?://",
+        description="a postgresql:// URL (leave it unset for the SQLite database)",
+    )
+    share_group: str = Field(
+        "irm-gateways",
+        pattern=NAME_PATTERN,
+        description="1 to 64 of A-Z a-z 0-9 _ . -, starting with a letter or digit",
+    )
     prefix: str = Field(
         PREFIX,
         pattern=PREFIX_PATTERN,

@@ -170,6 +170,7 @@ class Mqtt:
 
     @property
     def connected(self) -> bool:
+        """True while the broker connection is up."""
         return self._connected.is_set()
 
     def give_up(self) -> None:
@@ -226,10 +227,18 @@ class Mqtt:
             properties["correlation_data"] = correlation
         self._client.publish(topic, payload, qos=1, retain=retain, **properties)
 
-    def subscribe(self, *topics: str) -> None:
+    def subscribe(self, *topics: str, retained: bool = False) -> None:
+        """Subscribe at QoS 1; retained messages are sent only if ``retained``."""
+        handling = 0 if retained else 2
         self._client.subscribe(
-            [gmqtt.Subscription(t, qos=1, retain_handling_options=2) for t in topics]
+            [
+                gmqtt.Subscription(t, qos=1, retain_handling_options=handling)
+                for t in topics
+            ]
         )
+
+    def unsubscribe(self, *topics: str) -> None:
+        self._client.unsubscribe(list(topics))
 
     async def _on_message(
         self,

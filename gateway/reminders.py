@@ -19,7 +19,7 @@ from gateway.config import Settings
 from gateway.mail import Pass, Reminders, Smtp
 from gateway.service import Clock, system_clock
 from policy.errors import IrmError
-from policy.sqlite_store import SqliteStore
+from policy.stores import open_store
 
 log = structlog.get_logger("gateway.reminders")
 
@@ -39,8 +39,16 @@ def smtp_of(settings: Settings) -> Smtp | None:
     )
 
 
-async def remind(settings: Settings, clock: Clock = system_clock) -> None:
-    """Look for due reminders every ``smtp_check_seconds`` until cancelled."""
+async def remind(
+    settings: Settings,
+    leader: asyncio.Event | None = None,
+    clock: Clock = system_clock,
+) -> None:
+    """Look for due reminders every ``smtp_check_seconds`` until cancelled.
+
+    With several gateways on one store, only the one holding ``leader``
+    looks; the claims in the store keep each reminder to one mail anyway.
+    """
     smtp = smtp_of(settings)
     if smtp is None:
         log.info("expiry reminders off: no --smtp-host")
@@ -49,11 +57,13 @@ async def remind(settings: Settings, clock: Clock = system_clock) -> None:
         "expiry reminders on", smtp=f"{smtp.host}:{smtp.port}", tls=smtp.tls,
         sender=smtp.sender, every=settings.smtp_check_seconds,
     )  # fmt: skip
-    store = await SqliteStore.open(settings.database, create=False)
+    store = await open_store(settings.store or settings.database, create=False)
     try:
         owner = f"gateway {settings.gateway_id}"
         sender = Reminders(store, smtp, owner, clock=clock)
         while True:
+            if leader is not None:
+                await leader.wait()
             await _one_pass(sender)
             await asyncio.sleep(settings.smtp_check_seconds)
     finally:

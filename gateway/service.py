@@ -130,6 +130,10 @@ class Gateway:
         self._startup: list[Event] = []
         self.ready = asyncio.Event()
         """Set once subscribed and announced; the retained status says so too."""
+        self.is_leader = asyncio.Event()
+        """Set while this gateway may do once-per-deployment work (a gateway
+        alone always may; in a cluster, the leader: gateway/cluster.py)."""
+        self.is_leader.set()
         self.metrics = Metrics(self)
 
     @property
@@ -223,7 +227,7 @@ class Gateway:
         """
         assert self._mqtt is not None
         prefix = self.settings.prefix
-        self._mqtt.subscribe(*(f"{prefix}/+/+/{kind}" for kind in protocol.INBOUND))
+        self._mqtt.subscribe(*self._topics())
         since = to_text(self.clock())
         status = protocol.GatewayStatus(
             gateway=self.settings.gateway_id, state="online", since=since
@@ -235,6 +239,11 @@ class Gateway:
         # one task, in order.
         self._queue.put_nowait(_Republish())
         self.ready.set()
+
+    def _topics(self) -> list[str]:
+        """What the gateway subscribes to: every router's inbound messages."""
+        prefix = self.settings.prefix
+        return [f"{prefix}/+/+/{kind}" for kind in protocol.INBOUND]
 
     async def _republish_presence(self) -> None:
         """Publish every known router's presence from the stored state.

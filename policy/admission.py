@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import TypeVar
 
 from sortedcontainers import SortedKeyList
 
@@ -167,6 +168,9 @@ class Outcome:
     stale: bool = False
 
 
+_Due = TypeVar("_Due", tuple[datetime, str], tuple[datetime, str, str])
+
+
 def _arrival(place: Place) -> int:
     return place.arrival
 
@@ -269,6 +273,12 @@ class Line:
 
     def in_order(self) -> list[Place]:
         return list(self._order)
+
+    def discard(self, router: str) -> None:
+        """Drop a router's place without deciding anything (another writer did)."""
+        place = self.places.pop(router, None)
+        if place is not None:
+            self._order.remove(place)
 
 
 class Admission:
@@ -452,3 +462,91 @@ class Admission:
             will = self._wills.pop((tenant, router), None) == place.session
             outcome.events += line.remove(place, Cause.WILL if will else Cause.LEASE)
         return outcome
+
+    # -- several writers ---------------------------------------------------
+
+    def adopt(
+        self,
+        tenant: str,
+        capacity: Capacity,
+        routers: Iterable[tuple[str, int, Place | None, str | None]],
+        *,
+        reset: bool = False,
+    ) -> None:
+        """Take the line as another writer left it, deciding nothing.
+
+        ``routers`` are ``(router, epoch, place or None, will_session)`` as
+        stored; the seat flags and ``capacity`` are taken as they are, since
+        the writer that stored them decided them. With ``reset`` the line is
+        rebuilt from ``routers`` alone.
+        """
+        line = self.lines.get(tenant)
+        if line is None or reset:
+            line = self.lines[tenant] = Line(tenant, capacity)
+        line.capacity = capacity
+        for router, epoch, place, will in routers:
+            line.discard(router)
+            self.note_epoch(tenant, router, epoch)
+            self._wills.pop((tenant, router), None)
+            if place is None:
+                continue
+            line.add(place, decide=False)
+            self.next_arrival = max(self.next_arrival, place.arrival + 1)
+            if will is not None and will == place.session:
+                self._wills[(tenant, router)] = will
+            self._watch(place)
+
+    def renew_leases(self, tenant: str, until: datetime) -> list[Place]:
+        """Make every place of a tenant's line last at least until ``until``.
+
+        A place whose last will was heard keeps its short grace.
+        """
+        renewed = []
+        for place in self.lines[tenant].places.values():
+            if place.lease_until < until and (tenant, place.router) not in self._wills:
+                place.lease_until = until
+                self._watch(place)
+                renewed.append(place)
+        return renewed
+
+    def lease_of(self, tenant: str, router: str) -> tuple[datetime, str | None] | None:
+        """A place's lease end and the session whose will cut it, if in line."""
+        line = self.lines.get(tenant)
+        place = line.places.get(router) if line is not None else None
+        if place is None:
+            return None
+        return place.lease_until, self._wills.get((tenant, router))
+
+    def compact(self) -> None:
+        """Drop stale lease entries once they outnumber the places twice over.
+
+        A gateway that adopts other writers' lines pushes an entry per change
+        and, not leading, never pops them.
+        """
+        places = sum(len(line) for line in self.lines.values())
+        if len(self._leases) > 2 * places + 1000:
+            self._leases = [
+                (p.lease_until, p.tenant, p.router)
+                for line in self.lines.values()
+                for p in line.places.values()
+            ]
+            heapq.heapify(self._leases)
+            for line in self.lines.values():
+                for place in line.places.values():
+                    place.watched_at = place.lease_until
+
+    def due_tenants(self, now: datetime) -> set[str]:
+        """Tenants that :meth:`advance` at ``now`` may change."""
+        due = {tenant for _, tenant in _peek(self._timetable, now)}
+        due.update(tenant for _, tenant, _ in _peek(self._leases, now))
+        return due
+
+
+def _peek(heap: list[_Due], now: datetime) -> list[_Due]:
+    """The heap's entries due by ``now``, leaving the heap as it was."""
+    taken = []
+    while heap and heap[0][0] <= now:
+        taken.append(heapq.heappop(heap))
+    for entry in taken:
+        heapq.heappush(heap, entry)
+    return taken

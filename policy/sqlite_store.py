@@ -32,7 +32,14 @@ from policy.admission import (
 from policy.codes import fingerprint
 from policy.errors import RuleViolation, StoreError
 from policy.licenses import Kind, License, State
-from policy.store import AuditEntry, ReminderMail, ReminderStep, RouterRow, Tenant
+from policy.store import (
+    AuditEntry,
+    ReminderMail,
+    ReminderStep,
+    RouterRow,
+    Tenant,
+    TenantData,
+)
 from policy.timeutil import from_text, to_text
 
 SCHEMA = [
@@ -480,6 +487,35 @@ class SqliteStore:
         params.append(limit)
         rows = await self._db.execute_fetchall(query, params)
         return [_entry(r) for r in reversed(list(rows))]
+
+    async def export_tenant(self, tenant: str) -> TenantData | None:
+        """All of a tenant's committed rows, or None if there is no such tenant."""
+        found = await self.tenant(tenant)
+        if found is None:
+            return None
+        licenses = await self._db.execute_fetchall(
+            "SELECT id, kind, capacity, term_months, issued_at, imported_at,"
+            f" activation_at, state, code FROM licenses WHERE tenant = ? AND {VISIBLE}"
+            " ORDER BY imported_at, id",
+            (tenant,),
+        )
+        routers = await self._db.execute_fetchall(
+            "SELECT router, epoch, session, arrival, seated, first_seen, changed_at"
+            " FROM routers WHERE tenant = ? ORDER BY router",
+            (tenant,),
+        )
+        audit = await self._db.execute_fetchall(
+            "SELECT at, subject, subject_id, event, detail, actor FROM audit"
+            f" WHERE tenant = ? AND {VISIBLE} ORDER BY seq",
+            (tenant,),
+        )
+        return TenantData(
+            found,
+            [(*r[:4], _instant(r[4]), _instant(r[5]), from_text(r[6]), *r[7:])
+             for r in licenses],
+            [(*r[:4], bool(r[4]), _instant(r[5]), _instant(r[6])) for r in routers],
+            [(_instant(r[0]), *r[1:4], json.loads(r[4]), r[5]) for r in audit],
+        )  # fmt: skip
 
     async def changes_after(self, seq: int) -> tuple[int, set[str]]:
         rows = list(

@@ -92,6 +92,23 @@ class ReminderMail:
     steps: tuple[ReminderStep, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class TenantData:
+    """Everything stored of one tenant, to move it to another store.
+
+    Rows are plain tuples in the column order of the PostgreSQL tables:
+    licenses ``(id, kind, capacity, term_months, issued_at, imported_at,
+    activation_at, state, code)``, routers ``(router, epoch, session,
+    arrival, seated, first_seen, changed_at)``, audit ``(at, subject,
+    subject_id, event, detail, actor)``, instants as datetimes.
+    """
+
+    tenant: Tenant
+    licenses: list[tuple[Any, ...]]
+    routers: list[tuple[Any, ...]]
+    audit: list[tuple[Any, ...]]
+
+
 class Store(Protocol):
     """Everything the gateway and the tool ask of durable storage."""
 

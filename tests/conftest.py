@@ -29,6 +29,8 @@ from tools.router import SimRouter
 
 BIN = Path(sys.executable).parent
 
+pytest_plugins = ["tests.postgres"]
+
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:

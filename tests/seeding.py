@@ -15,7 +15,8 @@ from pathlib import Path
 from policy import codes
 from policy.imports import license_from
 from policy.licenses import Kind, License, State, paid_since, state_at
-from policy.sqlite_store import SqliteStore
+from policy.store import Store
+from policy.stores import open_store
 from tools.keys import (
     DEMO_PRIVATE_KEY_PATH,
     DEMO_PUBLIC_KEY_PATH,
@@ -34,7 +35,7 @@ def mint(kind: Kind, issued: datetime, term: int = 12) -> tuple[License, str]:
 
 
 async def seed_tenant(
-    database: Path,
+    database: Path | str,
     tenant: str,
     *,
     basic1: int = 0,
@@ -45,7 +46,7 @@ async def seed_tenant(
     """A tenant with active Basic licenses, and some that expired a month ago."""
     now = now or datetime.now(UTC)
     issued = now - timedelta(days=420)
-    store = await SqliteStore.open(database)
+    store = await open_store(database)
     try:
         await store.add_tenant(tenant, "UTC", now)
         kinds = [Kind.BASIC_1] * (basic1 + expired_basic1) + [Kind.BASIC_25] * basic25
@@ -66,13 +67,13 @@ async def seed_tenant(
 
 
 async def add_available(
-    database: Path, tenant: str, count: int = 1, kind: Kind = Kind.BASIC_1
+    database: Path | str, tenant: str, count: int = 1, kind: Kind = Kind.BASIC_1
 ) -> list[License]:
     """Licenses imported into ``tenant`` and not activated."""
     now = datetime.now(UTC)
     items = [mint(kind, now - timedelta(days=10)) for _ in range(count)]
     items = [(replace(lic, tenant=tenant), code) for lic, code in items]
-    store = await SqliteStore.open(database)
+    store = await open_store(database)
     try:
         await store.add_licenses(tenant, items, now, "test")
     finally:
@@ -81,7 +82,7 @@ async def add_available(
 
 
 async def seed_licenses(
-    store: SqliteStore,
+    store: Store,
     tenant: str,
     starts: Sequence[datetime],
     *,

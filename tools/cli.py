@@ -48,8 +48,8 @@ from policy.licenses import (
     paid_since,
     state_at,
 )
-from policy.sqlite_store import SqliteStore
 from policy.store import AuditEntry, RouterRow, Store, Tenant
+from policy.stores import is_postgres, open_store
 from policy.timeutil import (
     add_months,
     from_text,
@@ -61,6 +61,7 @@ from policy.timeutil import (
 from tools import keys
 from tools.accounts_cli import accounts_group
 from tools.fleet import fleet_command
+from tools.move import move_command
 from tools.reminders_cli import contacts_group, reminders_group
 from tools.status import status_command
 
@@ -122,6 +123,8 @@ class Settings:
     database: Path
     vendor_key: Path | None
     now: datetime
+    store: str | None = None
+    """A postgresql:// URL; when given, used instead of ``database``."""
 
     def public_key(self) -> Ed25519PublicKey:
         """The vendor key codes are verified with (the demo key by default)."""
@@ -152,7 +155,7 @@ def _run(
     """
 
     async def session() -> T:
-        store = await SqliteStore.open(settings.database, create=create)
+        store = await open_store(settings.store or settings.database, create=create)
         try:
             return await work(store)
         finally:
@@ -386,6 +389,14 @@ def _activation_cell(entry: Any, clock: Clock) -> str:
     help="The SQLite file the gateway uses [env: IRM_DATABASE].",
 )
 @click.option(
+    "--store",
+    metavar="URL",
+    envvar="IRM_STORE",
+    callback=lambda ctx, param, value: _postgres_url(value),
+    help="A postgresql:// URL shared by several gateways; used instead of "
+    "--database [env: IRM_STORE].",
+)
+@click.option(
     "--vendor-key",
     metavar="PEM",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -404,7 +415,11 @@ def _activation_cell(entry: Any, clock: Clock) -> str:
 @click.version_option(package_name="irm-gateway")
 @click.pass_context
 def cli(
-    ctx: click.Context, database: Path, vendor_key: Path | None, now: datetime | None
+    ctx: click.Context,
+    database: Path,
+    store: str | None,
+    vendor_key: Path | None,
+    now: datetime | None,
 ) -> None:
     """irm-tool: manage tenants, licenses and routers of irm-gateway.
 
@@ -415,7 +430,13 @@ def cli(
     Exit status: 0 done, 1 refused or failed (the reason is on stderr),
     2 a usage error.
     """
-    ctx.obj = Settings(database, vendor_key, now or datetime.now(UTC))
+    ctx.obj = Settings(database, vendor_key, now or datetime.now(UTC), store)
+
+
+def _postgres_url(value: str | None) -> str | None:
+    if value is not None and not is_postgres(value):
+        raise click.BadParameter(f"{value!r} must be a postgresql:// URL")
+    return value
 
 
 # -- tenants ---------------------------------------------------------------------
@@ -1349,6 +1370,7 @@ cli.add_command(status_command, "status")
 cli.add_command(contacts_group, "contacts")
 cli.add_command(reminders_group, "reminders")
 cli.add_command(accounts_group, "accounts")
+cli.add_command(move_command, "move-tenant")
 
 
 def main() -> None:

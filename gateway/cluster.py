@@ -1,0 +1,467 @@
+"""Several gateways on one PostgreSQL: one truth, shared work.
+
+How it works. Every gateway of a cluster subscribes to the hellos through
+one MQTT shared subscription, so the broker hands each message to one of
+them. A gateway still decides in batches with the pure core, but each
+batch runs inside one PostgreSQL transaction that first locks the rows of
+the batch's tenants (in tenant order, so gateways never deadlock). Under
+those locks the gateway reads what others changed since it last looked
+(every write bumps the tenant's ``version``), brings its copy of those
+lines up to date, decides, and writes the events with the version bumped.
+Arrival numbers are taken from the tenant row under its lock: a tenant's
+line is in the order PostgreSQL recorded the arrivals, whichever gateway
+received them, so the seats stay the line's prefix across the cluster.
+
+Time-driven work (lease run-outs, license instants, the tool's changes)
+is done by one gateway, the leader: the one holding a session-level
+advisory lock on a connection of its own. A leader killed outright loses
+that connection and with it the lock; another gateway takes it within a
+second. Work that must happen once per cluster (e-mail reminders) waits
+for :attr:`ClusterGateway.is_leader`.
+
+Mosquitto keeps handing messages to a shared-subscription member whose
+persistent session is disconnected, and keeps its unacknowledged ones
+there too: a dead gateway would swallow its share of hellos until it came
+back. So the leader watches the gateways' retained status; when one says
+``offline`` (its last will, on a crash), the leader connects with that
+gateway's client id, unsubscribes it, answers what was queued for it and
+ends the session, so every hello is answered even if it never returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime
+
+import psycopg
+import structlog
+
+from gateway import protocol
+from gateway.config import Settings
+from gateway.mqtt import Inbound, Mqtt
+from gateway.service import (
+    Clock,
+    Gateway,
+    Work,
+    _Batch,
+    _Item,
+    _Reload,
+    _Republish,
+    system_clock,
+)
+from policy.postgres_store import Lease, LockedBatch, PostgresStore, connect
+
+log = structlog.get_logger("gateway.cluster")
+
+LEADER_LOCK = 0x49524D02
+"""The advisory lock whose holder is the cluster's leader."""
+
+LEADER_RETRY = 1.0
+"""Seconds between a follower's attempts to become leader."""
+
+LEASE_SCAN = 1.0
+"""Seconds between the leader's looks for leases that ran out anywhere."""
+
+REPAIR_EVERY = 1.0
+"""Seconds between the leader's looks for tenants whose presence to repair."""
+
+QUIET = 1.0
+"""A taken-over session is drained once it has been silent this long."""
+
+TAKEOVER_LIMIT = 120.0
+"""Seconds a takeover may run before it is given up (and tried again)."""
+
+
+class ClusterGateway(Gateway):
+    """A gateway of a cluster sharing one :class:`PostgresStore`."""
+
+    def __init__(
+        self, settings: Settings, store: PostgresStore, clock: Clock = system_clock
+    ) -> None:
+        super().__init__(settings, store, clock)
+        self.shared = store
+        self.is_leader.clear()  # until the leader lock is ours
+        self._versions: dict[str, int] = {}
+        self._next_scan = 0.0
+        self._peers: dict[str, str] = {}
+        self._renewing: set[str] = set()
+        self._seen: dict[str, int] = {}
+        self._repaired: dict[str, int] = {}
+        self._next_repair = 0.0
+        self._takeovers: dict[str, asyncio.Task[None]] = {}
+        self._failed = False
+
+    # -- life cycle ------------------------------------------------------
+
+    async def _load(self) -> None:
+        """Know the tenants; their lines are read when first locked."""
+        for tenant in await self.store.tenants():
+            self._versions[tenant.id] = -1
+        self._version = await self.store.poll_version()
+        self._change_seq, _ = await self.store.changes_after(0)
+        log.info("cluster member ready", tenants=len(self._versions))
+
+    def _topics(self) -> list[str]:
+        group = self.settings.share_group
+        return [f"$share/{group}/{topic}" for topic in super()._topics()]
+
+    async def _on_connected(self) -> None:
+        assert self._mqtt is not None
+        if self._failed:
+            return  # leaving: a reconnect must not subscribe or say online
+        status = protocol.status_topic(self.settings.prefix, "+")
+        self._mqtt.subscribe(status, retained=True)
+        await super()._on_connected()
+
+    async def _decide_until(self, stop: asyncio.Event) -> None:
+        leading = asyncio.create_task(self._lead(stop), name="lead")
+        try:
+            await super()._decide_until(stop)
+        except Exception:
+            # Say so before leaving, so that the leader answers what the broker
+            # queues for us while we are gone; and take no more hellos.
+            self._failed = True
+            offline = protocol.GatewayStatus(
+                gateway=self.settings.gateway_id, state="offline"
+            )
+            topic = protocol.status_topic(
+                self.settings.prefix, self.settings.gateway_id
+            )
+            await self._publish(topic, offline, retain=True)
+            raise
+        finally:
+            leading.cancel()
+            for task in [leading, *self._takeovers.values()]:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def _idle_timeout(self) -> float | None:
+        if not self.is_leader.is_set():
+            return None
+        timeout = super()._idle_timeout()
+        return LEASE_SCAN if timeout is None else min(timeout, LEASE_SCAN)
+
+    async def _republish_presence(self) -> None:
+        # One gateway republishing is enough, and fewer stale copies race.
+        if self.is_leader.is_set():
+            await super()._republish_presence()
+
+    # -- leadership ----------------------------------------------------------
+
+    async def _lead(self, stop: asyncio.Event) -> None:
+        """Hold the leader lock, or try for it every second."""
+        conn = None
+        while not stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = await connect(self.shared.url)
+                if self.is_leader.is_set():
+                    await conn.execute("SELECT 1")
+                else:
+                    cursor = await conn.execute(
+                        "SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)
+                    )
+                    row = await cursor.fetchone()
+                    if row is not None and row[0]:
+                        await self._become_leader(PostgresStore(conn, self.shared.url))
+                if self.is_leader.is_set():
+                    self._take_over_dead_peers()
+            except (psycopg.Error, OSError) as exc:
+                if self.is_leader.is_set():
+                    log.warning("leadership lost", error=str(exc))
+                self.is_leader.clear()
+                conn = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LEADER_RETRY)
+        if conn is not None:
+            await conn.close()
+
+    async def _become_leader(self, reader: PostgresStore) -> None:
+        """Start leading from what is stored, as a restarted gateway would.
+
+        Every tenant's licenses are re-read (instants may have passed with
+        no leader) and its line too, at its next lock. Every place gets a
+        fresh lease: if the whole cluster was down, no heartbeat could be
+        heard meanwhile. ``reader`` is the leader lock's connection, so these
+        reads stay out of the decider's transactions.
+        """
+        log.info("leading the cluster", gateway=self.settings.gateway_id)
+        self._versions = dict.fromkeys(self._versions, -1)
+        tenants = await reader.tenants()
+        self._renewing = {tenant.id for tenant in tenants}
+        self._repaired = {}
+        self.is_leader.set()
+        for tenant in tenants:
+            licenses = await reader.licenses(tenant.id)
+            states = await reader.license_states(tenant.id)
+            self._queue.put_nowait(_Reload(tenant.id, licenses, states))
+
+    # -- deciding under the tenants' locks -----------------------------------------
+
+    async def _decide(self, work: list[Work]) -> None:
+        leader = self.is_leader.is_set()
+        if leader and any(isinstance(entry, _Republish) for entry in work):
+            await self._republish_presence()
+        now = self.clock()
+        items = [entry for entry in work if isinstance(entry, _Item)]
+        reloads = [e for e in work if isinstance(e, _Reload)] if leader else []
+        tenants = {item.tenant for item in items} | {r.tenant for r in reloads}
+        if leader:
+            tenants |= await self._due(now)
+        batch = _Batch()
+        repeated: list[_Item] = []
+        try:
+            async with self.shared.locked(tenants) as locked:
+                await self._sync(locked, now)
+                renewed: list[Lease] = []
+                if leader:
+                    for reload in reloads:
+                        renewed += await self._reload(locked, reload, now, batch)
+                    batch.events += self.admission.advance(now).events
+                for item in items:
+                    before = len(batch.events)
+                    self._decide_one(item, now, batch)
+                    if len(batch.events) == before and item.kind == "hello":
+                        repeated.append(item)
+                await self._write(locked, batch, items, renewed, now)
+            self.admission.compact()
+        except Exception as exc:
+            # Our copy of these lines may be ahead of what was stored.
+            for tenant in tenants:
+                self._versions[tenant] = -1
+            for item in items:
+                if not item.done.done():
+                    item.done.set_exception(exc)
+            raise
+        await self._answer(batch, items, repeated, now)
+        if leader and asyncio.get_running_loop().time() >= self._next_repair:
+            self._next_repair = asyncio.get_running_loop().time() + REPAIR_EVERY
+            await self._repair_presence(now)
+
+    async def _due(self, now: datetime) -> set[str]:
+        """Tenants with time-driven work: our timetable, and leases anywhere."""
+        due = self.admission.due_tenants(now)
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_scan:
+            self._next_scan = loop.time() + LEASE_SCAN
+            due.update(await self.shared.due_leases(now))
+        return due
+
+    async def _sync(self, locked: LockedBatch, now: datetime) -> None:
+        """Bring our copy of the locked tenants' lines up to what is stored."""
+        stale = {
+            tenant: self._versions.get(tenant, -1)
+            if tenant in self.admission.lines
+            else -1
+            for tenant, row in locked.rows.items()
+            if row.version != self._versions.get(tenant, -1)
+            or tenant not in self.admission.lines
+        }
+        if stale:
+            fresh = now + self.admission.lease
+            changed = await locked.changed_places(stale, fresh)
+            for tenant, since in stale.items():
+                row = locked.rows[tenant]
+                self.admission.adopt(
+                    tenant, row.capacity, changed[tenant], reset=since < 0
+                )
+                self._versions[tenant] = row.version
+        for row in locked.rows.values():
+            self.admission.next_arrival = max(
+                self.admission.next_arrival, row.next_arrival
+            )
+
+    async def _reload(
+        self, locked: LockedBatch, reload: _Reload, now: datetime, batch: _Batch
+    ) -> list[Lease]:
+        """Apply a tenant's licenses; on a new leader's first, renew its leases."""
+        tenant = reload.tenant
+        if tenant not in locked.rows:
+            return []
+        states = await locked.license_states(tenant)
+        outcome = self.admission.load_tenant(tenant, reload.licenses, states, now)
+        batch.events += outcome.events
+        log.info("licenses reloaded", tenant=tenant)
+        if tenant not in self._renewing:
+            return []
+        self._renewing.discard(tenant)
+        until = now + self.admission.lease
+        return [
+            Lease(tenant, place.router, until, None)
+            for place in self.admission.renew_leases(tenant, until)
+        ]
+
+    async def _write(
+        self,
+        locked: LockedBatch,
+        batch: _Batch,
+        items: list[_Item],
+        renewed: list[Lease],
+        now: datetime,
+    ) -> None:
+        leases = list(renewed)
+        for key in dict.fromkeys((i.tenant, i.router) for i in items):
+            lease = self.admission.lease_of(*key)
+            if lease is not None and key[0] in locked.rows:
+                leases.append(Lease(key[0], key[1], lease[0], lease[1]))
+        capacities = {
+            t: self.admission.lines[t].capacity
+            for t in locked.rows
+            if t in self.admission.lines
+        }
+        versions = await locked.write(
+            batch.events, leases, now, self.admission.next_arrival, capacities
+        )
+        self._versions.update(versions)
+
+    async def _answer(
+        self, batch: _Batch, items: list[_Item], repeated: list[_Item], now: datetime
+    ) -> None:
+        """Reply, publish, then let the handlers acknowledge the hellos."""
+        for topic, payload, correlation in batch.replies:
+            await self._send(topic, payload, correlation)
+        await self._publish_events(batch.events, now)
+        # A hello repeated after its gateway died between commit and publish
+        # changes nothing, so its presence is published again here.
+        for item in repeated:
+            line = self.admission.lines.get(item.tenant)
+            place = line.places.get(item.router) if line is not None else None
+            if place is not None:
+                state = "online" if place.seated else "waiting"
+                await self._publish_presence(
+                    item.tenant, item.router, state, place.epoch, "hello", now
+                )
+        for item in items:
+            item.done.set_result(None)
+
+    async def _repair_presence(self, now: datetime) -> None:
+        """Republish the presence of routers of tenants that went quiet.
+
+        Two gateways publish after their own commits, so two decisions about
+        one router in the same few milliseconds can reach the broker in the
+        other order. Once a tenant has been unchanged for a second, the
+        routers changed since its last repair are published again from the
+        store, under the tenant's lock so no decision slips in between.
+        """
+        versions = await self.shared.tenant_versions()
+        quiet = set()
+        for tenant, version in versions.items():
+            if self._seen.get(tenant) == version != self._repaired.get(tenant):
+                quiet.add(tenant)
+            self._seen[tenant] = version
+        if not quiet:
+            return
+        async with self.shared.locked(quiet) as locked:
+            since = {tenant: self._repaired.get(tenant, -1) for tenant in locked.rows}
+            changed = await locked.changed_places(since, now)
+            for tenant, row in sorted(locked.rows.items()):
+                for router, epoch, place, _ in changed[tenant]:
+                    state = "offline"
+                    if place is not None:
+                        state = "online" if place.seated else "waiting"
+                    await self._publish_presence(
+                        tenant, router, state, epoch, "repair", now
+                    )
+                self._repaired[tenant] = row.version
+
+    # -- receiving, and the peers' sessions ---------------------------------------
+
+    async def _on_message(self, inbound: Inbound) -> None:
+        parts = inbound.topic.split("/")
+        if parts[-1] == "status" and parts[-3:-2] == ["_gateway"]:
+            self._note_status(inbound)
+            return
+        await super()._on_message(inbound)
+
+    def _note_status(self, inbound: Inbound) -> None:
+        try:
+            status = protocol.GatewayStatus.model_validate_json(inbound.payload)
+        except ValueError:
+            self._bad("status", "-", inbound.topic)
+            return
+        if status.gateway != self.settings.gateway_id:
+            self._peers[status.gateway] = status.state
+            if status.state == "online" and status.gateway in self._takeovers:
+                self._takeovers.pop(status.gateway).cancel()
+
+    def _take_over_dead_peers(self) -> None:
+        for peer, task in list(self._takeovers.items()):
+            if task.done():
+                del self._takeovers[peer]
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("takeover failed", peer=peer, exc_info=task.exception())
+        for peer, state in self._peers.items():
+            if state == "offline" and peer not in self._takeovers:
+                task = asyncio.create_task(self._take_over(peer), name=f"take-{peer}")
+                self._takeovers[peer] = task
+
+    async def _take_over(self, peer: str) -> None:
+        """Answer what the broker queued for a dead peer, then end its session.
+
+        The session counts as drained once it has been ours, with no hello
+        being decided, for :data:`QUIET` seconds. A peer still on its way out
+        may take its session back for a moment; each reconnect of ours starts
+        the quiet time again, so nothing queued is discarded unanswered.
+        """
+        client_id = f"irm-gateway-{peer}"
+        log.warning("taking over a dead gateway's session", peer=peer)
+        loop = asyncio.get_running_loop()
+        handled = pending = 0
+        last = loop.time()
+
+        async def handler(inbound: Inbound) -> None:
+            nonlocal handled, pending, last
+            pending += 1
+            try:
+                await self._on_message(inbound)
+            finally:
+                pending -= 1
+                last = loop.time()
+            handled += 1
+
+        async def connected() -> None:
+            nonlocal last
+            last = loop.time()
+            session.unsubscribe(*self._topics())
+
+        def drained() -> bool:
+            return session.connected and not pending and loop.time() - last >= QUIET
+
+        session = self._peer_session(client_id, handler, connected, persistent=True)
+        async with asyncio.timeout(TAKEOVER_LIMIT):
+            async with session:
+                # Silence has no event to await: look at the clock a few times.
+                while not drained():  # noqa: ASYNC110
+                    await asyncio.sleep(QUIET / 4)
+            # A clean session of that id discards the old one, now empty.
+            async with self._peer_session(client_id, handler, _nothing, False):
+                pass
+        self._peers[peer] = "taken over"
+        log.warning("dead gateway's session ended", peer=peer, answered=handled)
+
+    def _peer_session(
+        self, client_id: str, handler: object, connected: object, persistent: bool
+    ) -> Mqtt:
+        credentials = None
+        if self.settings.broker_username is not None:
+            credentials = (
+                self.settings.broker_username,
+                self.settings.broker_password or "",
+            )
+        return Mqtt(
+            client_id,
+            self.settings.broker_host,
+            self.settings.broker_port,
+            handler,  # type: ignore[arg-type]
+            connected,  # type: ignore[arg-type]
+            persistent=persistent,
+            credentials=credentials,
+            receive_maximum=self.settings.receive_maximum,
+            window=self.settings.publish_window,
+        )
+
+
+async def _nothing() -> None:
+    return None

@@ -1,0 +1,170 @@
+"""The store contract, held by both backends: SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from policy.admission import Cause, Joined, Left, Place, Reason, SeatChanged, Verdict
+from policy.errors import RuleViolation, StoreError
+from policy.licenses import Kind, State, Tier
+from policy.sqlite_store import SqliteStore
+from policy.store import Store
+from policy.stores import open_store
+from tests.seeding import mint
+
+NOW = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        opened = await open_store(tmp_path / "irm.db")
+    else:
+        opened = await open_store(request.getfixturevalue("postgres_url"))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def _place(router: str, arrival: int, *, seated: bool, epoch: int = 1) -> Place:
+    return Place("T", router, f"s-{router}-{epoch}", epoch, arrival, seated, NOW)
+
+
+async def test_a_tenant_is_added_once_and_a_second_zone_is_refused(
+    store: Store,
+) -> None:
+    await store.add_tenant("T", "Europe/Berlin", NOW)
+    await store.add_tenant("T", "Europe/Berlin", NOW)
+    with pytest.raises(RuleViolation, match="Europe/Berlin"):
+        await store.add_tenant("T", "UTC", NOW)
+    assert [(t.id, t.tz, t.created_at) for t in await store.tenants()] == [
+        ("T", "Europe/Berlin", NOW)
+    ]
+    assert await store.tenant("nobody") is None
+
+
+async def test_licenses_round_trip_and_are_redeemed_in_one_tenant_only(
+    store: Store,
+) -> None:
+    await store.add_tenant("T", "UTC", NOW)
+    await store.add_tenant("U", "UTC", NOW)
+    items = [mint(Kind.BASIC_1, NOW - timedelta(days=3)) for _ in range(3)]
+    items = [(replace(lic, tenant="T", imported_at=NOW), c) for lic, c in items]
+    await store.add_licenses("T", items, NOW, "admin")
+
+    stored = await store.licenses("T")
+    assert sorted(stored, key=lambda x: x.id) == sorted(
+        (replace(lic, tz="UTC") for lic, _ in items), key=lambda x: x.id
+    )
+    assert await store.owners([items[0][0].id, "missing"]) == {items[0][0].id: "T"}
+    theirs = [(replace(items[0][0], tenant="U"), items[0][1])]
+    with pytest.raises(RuleViolation):
+        await store.add_licenses("U", theirs, NOW, "admin")
+    assert await store.licenses("U") == []
+
+
+async def test_activations_are_stored_with_their_state_and_audited(
+    store: Store,
+) -> None:
+    await store.add_tenant("T", "UTC", NOW)
+    lic, code = mint(Kind.BASIC_25, NOW - timedelta(days=3))
+    lic = replace(lic, tenant="T", imported_at=NOW)
+    await store.add_licenses("T", [(lic, code)], NOW, "admin")
+    active = replace(lic, activation_at=NOW)
+    await store.save_activations("T", [active], {lic.id: State.ACTIVE}, NOW, "admin")
+
+    assert (await store.licenses("T"))[0].activation_at == NOW
+    assert await store.license_states("T") == {lic.id: State.ACTIVE}
+    events = [(e.event, e.actor) for e in await store.audit("T", "license")]
+    assert events == [("imported", "admin"), ("activated", "admin")]
+    with pytest.raises(RuleViolation, match="changed meanwhile"):
+        await store.save_activations("T", [active], {lic.id: State.ACTIVE}, NOW, "x")
+
+
+async def test_events_make_places_epochs_and_router_rows(store: Store) -> None:
+    await store.add_tenant("T", "UTC", NOW)
+    assert await store.register_routers("T", ["R1", "R2", "R1"], NOW, "admin") == [
+        "R1",
+        "R2",
+    ]
+    await store.apply(
+        [
+            Joined(_place("R1", 1, seated=True), resumed=False),
+            Joined(_place("R2", 2, seated=False), resumed=False),
+        ],
+        NOW,
+    )
+    verdict = Verdict("T", "R2", "s-R2-1", 1, True, Reason.LICENSED, Tier.FULL)
+    later = NOW + timedelta(seconds=1)
+    await store.apply(
+        [
+            Left("T", "R1", "s-R1-1", 1, True, Cause.GOODBYE),
+            SeatChanged(verdict, Cause.SEAT_FREED),
+        ],
+        later,
+    )
+
+    places = await store.places()
+    assert [(p.router, p.arrival, p.seated, p.epoch) for p in places] == [
+        ("R2", 2, True, 1)
+    ]
+    assert await store.epochs() == {("T", "R1"): 1, ("T", "R2"): 1}
+    rows = {r.router: r for r in await store.routers("T")}
+    assert (rows["R1"].state, rows["R2"].state) == ("offline", "online")
+    assert rows["R2"].changed_at == later
+    seen = [e.event for e in await store.audit("T", "router", "R1")]
+    assert seen == ["registered", "joined", "left"]
+
+
+async def test_a_tool_change_moves_the_version_and_names_the_tenant(
+    store: Store,
+) -> None:
+    start, _ = await store.changes_after(0)
+    version = await store.poll_version()
+    await store.add_tenant("T", "UTC", NOW)
+    seq, tenants = await store.changes_after(start)
+    assert seq > start
+    assert tenants == {"T"}
+    assert await store.changes_after(seq) == (seq, set())
+    if not isinstance(store, SqliteStore):
+        # SQLite's data_version moves only for other connections' commits.
+        assert await store.poll_version() != version
+
+
+async def test_an_sqlite_file_of_the_first_schema_opens_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    first = await SqliteStore.open(path)
+    await first.add_tenant("T", "UTC", NOW)
+    await first.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta").fetchone() == ("1",)
+
+    again = await open_store(path, create=False)
+    try:
+        assert [t.id for t in await again.tenants()] == ["T"]
+    finally:
+        await again.close()
+
+
+async def test_postgres_migrates_once_and_refuses_a_newer_schema(
+    postgres_url: str,
+) -> None:
+    for _ in range(2):
+        opened = await open_store(postgres_url)
+        await opened.close()
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        versions = db.execute("SELECT version FROM schema_version").fetchall()
+        assert versions == [(1,)]
+        db.execute("INSERT INTO schema_version VALUES (99)")
+    with pytest.raises(StoreError, match="newer than this program"):
+        await open_store(postgres_url)
