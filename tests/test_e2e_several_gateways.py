@@ -243,7 +243,7 @@ def test_the_gateway_refuses_a_store_that_is_not_a_postgresql_url(
 ) -> None:
     result = CliRunner().invoke(cli, ["--store", "mysql://x/y"], env={})
     assert result.exit_code == 2
-    assert "--store (IRM_STORE) = mysql://x/y: must be a postgresql:// URL" in (
+    assert "--store = mysql://x/y: must be a postgresql:// URL" in (
         result.output
     )
 

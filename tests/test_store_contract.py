@@ -14,7 +14,7 @@ import pytest
 from policy.admission import Cause, Joined, Left, Place, Reason, SeatChanged, Verdict
 from policy.errors import RuleViolation, StoreError
 from policy.licenses import Kind, State, Tier
-from policy.sqlite_store import SqliteStore
+from policy.sqlite_store import SCHEMA, SqliteStore
 from policy.store import Store
 from policy.stores import open_store
 from tests.seeding import mint
@@ -139,7 +139,7 @@ async def test_a_tool_change_moves_the_version_and_names_the_tenant(
         assert await store.poll_version() != version
 
 
-async def test_an_sqlite_file_of_the_first_schema_opens_and_keeps_its_rows(
+async def test_an_sqlite_file_opens_again_at_the_current_schema_with_its_rows(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "old.db"
@@ -147,7 +147,7 @@ async def test_an_sqlite_file_of_the_first_schema_opens_and_keeps_its_rows(
     await first.add_tenant("T", "UTC", NOW)
     await first.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta").fetchone() == ("1",)
+        assert db.execute("SELECT value FROM meta").fetchone() == (str(len(SCHEMA)),)
 
     again = await open_store(path, create=False)
     try:

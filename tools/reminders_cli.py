@@ -27,8 +27,8 @@ from rich.table import Table
 from gateway.mail import Pass, Reminders, Smtp
 from policy.errors import BadInput, IrmError
 from policy.reminders import due, unrecorded
-from policy.sqlite_store import SqliteStore
 from policy.store import ReminderMail, Store, Tenant
+from policy.stores import open_store
 from policy.timeutil import from_text, to_text, zone
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ PIPE_WIDTH = 200
 
 def _run(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
     async def session() -> T:
-        store = await SqliteStore.open(settings.database, create=False)
+        store = await open_store(settings.store or settings.database, create=False)
         try:
             return await work(store)
         finally:

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from gateway.protocol import GatewayState
 from policy.licenses import capacity_at, next_change_after
-from policy.sqlite_store import SqliteStore
+from policy.stores import open_store
 from policy.timeutil import from_text, to_text
 
 if TYPE_CHECKING:
@@ -57,9 +57,9 @@ def _why(exc: Exception) -> str:
     return str(exc)
 
 
-async def stored(database: Path, now: datetime) -> dict[str, Any]:
-    """The same view from the database: licenses now, routers as recorded."""
-    store = await SqliteStore.open(database, create=False)
+async def stored(database: Path | str, now: datetime) -> dict[str, Any]:
+    """The same view from the store: licenses now, routers as recorded."""
+    store = await open_store(database, create=False)
     try:
         tenants = []
         for tenant in await store.tenants():
@@ -127,7 +127,7 @@ def status_command(settings: Settings, url: str, as_json: bool) -> None:
             f"stored in {settings.database}",
             err=True,
         )
-        view = asyncio.run(stored(settings.database, settings.now))
+        view = asyncio.run(stored(settings.store or settings.database, settings.now))
     if as_json:
         click.echo(json.dumps(view, indent=2))
     else:
