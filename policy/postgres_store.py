@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,9 +33,17 @@ from policy.admission import (
     Place,
     SeatChanged,
 )
+from policy.codes import fingerprint
 from policy.errors import RuleViolation, StoreError
 from policy.licenses import Capacity, Kind, License, State, Tier
-from policy.store import AuditEntry, RouterRow, Tenant, TenantData
+from policy.store import (
+    AuditEntry,
+    ReminderMail,
+    ReminderStep,
+    RouterRow,
+    Tenant,
+    TenantData,
+)
 from policy.timeutil import to_text as _text
 
 MIGRATIONS = [
@@ -96,11 +104,51 @@ MIGRATIONS = [
         at      timestamptz NOT NULL
     );
     """,
+    # 2: expiry reminders: each tenant's contacts, and every mail claimed.
+    """
+    CREATE TABLE contacts (
+        tenant    text NOT NULL REFERENCES tenants(tenant),
+        address   text NOT NULL,
+        added_at  timestamptz NOT NULL,
+        PRIMARY KEY (tenant, address)
+    );
+    CREATE TABLE reminder_mails (
+        mail             text PRIMARY KEY,        -- policy.reminders.mail_key
+        tenant           text NOT NULL REFERENCES tenants(tenant),
+        state            text NOT NULL
+            CHECK (state IN ('waiting', 'sending', 'sent', 'dropped')),
+        recipients       text[] NOT NULL,
+        message          bytea NOT NULL,          -- as composed: a resend is the same
+        claimed_at       timestamptz NOT NULL,
+        claimed_by       text NOT NULL,
+        attempts         integer NOT NULL DEFAULT 0,
+        next_attempt_at  timestamptz NOT NULL,
+        sent_at          timestamptz,
+        last_error       text
+    );
+    CREATE INDEX reminder_mails_open ON reminder_mails(state)
+        WHERE state IN ('waiting', 'sending');
+    CREATE TABLE reminders (
+        license     text NOT NULL,
+        days        integer NOT NULL,
+        tenant      text NOT NULL,
+        mail        text NOT NULL REFERENCES reminder_mails(mail),
+        due_at      timestamptz NOT NULL,
+        expires_at  timestamptz NOT NULL,
+        PRIMARY KEY (license, days)               -- one claim per license and step
+    );
+    CREATE INDEX reminders_by_tenant ON reminders(tenant);
+    CREATE INDEX reminders_by_mail ON reminders(mail);
+    """,
 ]
 
 GATEWAY = "gateway"
 MIGRATION_LOCK = 0x49524D01
 """Advisory lock held while migrating, so two gateways starting do it once."""
+REMINDER_LOCK = 0x49524D02
+"""Class of the advisory locks, one per license, that a reminder claim holds."""
+BYTES = 'COLLATE "C"'
+"""Text sorted by its bytes, as SQLite sorts it, whatever the database's locale."""
 
 
 @dataclass(slots=True)
@@ -492,6 +540,184 @@ class PostgresStore:
         row = await _one(self._conn, "SELECT coalesce(max(seq), 0) FROM changes")
         return int(row[0])
 
+    # -- contacts and reminders ------------------------------------------------
+
+    async def add_contacts(
+        self, tenant: str, addresses: Sequence[str], now: datetime, actor: str
+    ) -> list[str]:
+        """The addresses that were new, in the order given; the rest stay as are.
+
+        ``ON CONFLICT`` rather than a read first: two admins adding the same
+        address at once both succeed, and it is added (and audited) once.
+        """
+        wanted = list(dict.fromkeys(addresses))
+        async with self._tx() as db:
+            rows = await _all(
+                db,
+                "INSERT INTO contacts (tenant, address, added_at)"
+                " SELECT %s, a, %s FROM unnest(%s::text[]) AS a"
+                " ON CONFLICT DO NOTHING RETURNING address",
+                (tenant, now, wanted),
+            )
+            added = {r[0] for r in rows}
+            new = [a for a in wanted if a in added]
+            await _audit(
+                db,
+                [(now, tenant, "tenant", tenant, "contact_added", {"address": a})
+                 for a in new],
+                actor,
+            )  # fmt: skip
+        return new
+
+    async def remove_contacts(
+        self, tenant: str, addresses: Sequence[str], now: datetime, actor: str
+    ) -> list[str]:
+        """The addresses that were contacts and are removed, in the order given."""
+        wanted = list(dict.fromkeys(addresses))
+        async with self._tx() as db:
+            rows = await _all(
+                db,
+                "DELETE FROM contacts WHERE tenant = %s AND address = ANY(%s)"
+                " RETURNING address",
+                (tenant, wanted),
+            )
+            removed = {r[0] for r in rows}
+            gone = [a for a in wanted if a in removed]
+            await _audit(
+                db,
+                [(now, tenant, "tenant", tenant, "contact_removed", {"address": a})
+                 for a in gone],
+                actor,
+            )  # fmt: skip
+        return gone
+
+    async def contacts(self, tenant: str) -> list[str]:
+        rows = await _all(
+            self._conn,
+            f"SELECT address FROM contacts WHERE tenant = %s ORDER BY address {BYTES}",
+            (tenant,),
+        )
+        return [r[0] for r in rows]
+
+    async def reminder_steps(self, tenant: str) -> dict[str, int]:
+        """Per license, the fewest days before expiry of any claimed reminder."""
+        rows = await _all(
+            self._conn,
+            "SELECT license, min(days) FROM reminders WHERE tenant = %s"
+            " GROUP BY license",
+            (tenant,),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def claim_reminder(self, claim: ReminderMail) -> bool:
+        """Record a mail and its steps, unless any step (or a later one) is
+        claimed already: then nothing is written and the answer is False.
+
+        Several gateways claim at once, and PostgreSQL does not serialise
+        their transactions as SQLite's one writer does: so the claim first
+        takes an advisory lock per license (in one order, so two claims
+        never deadlock), and only then reads what is claimed. Of two senders
+        racing for a license, the second reads the first's committed claim.
+        Should a writer ever get past that, the primary key of ``reminders``
+        refuses its step, and the claim is refused whole.
+        """
+        licenses = sorted({s.license for s in claim.steps})
+        try:
+            async with self._tx() as db:
+                await db.execute(
+                    "SELECT pg_advisory_xact_lock(%s::integer, hashtext(l))"
+                    " FROM unnest(%s::text[]) AS l ORDER BY hashtext(l)",
+                    (REMINDER_LOCK, licenses),
+                )
+                if await _overlaps(db, claim.steps, licenses):
+                    return False
+                await _insert_claim(db, claim)
+        except RuleViolation:
+            return False
+        return True
+
+    async def take_reminder(
+        self, mail: str, now: datetime, until: datetime, owner: str, *, force: bool
+    ) -> ReminderMail | None:
+        """Start an attempt at ``mail`` if it is due (or ``force``), else None.
+
+        Due means waiting with its retry time come, or sending with its
+        holder's time run out (that sender died). ``force`` skips a retry's
+        wait, never another sender's hold. The attempt holds the mail until
+        ``until``. The mail's row is locked while it is read: of two senders
+        taking it at once, the second reads the first's hold and gets None.
+        """
+        async with self._tx() as db:
+            found = await _mails(db, "mail = %s", (mail,), lock=True)
+            if not found or not _ready(found[0], now, force):
+                return None
+            await db.execute(
+                "UPDATE reminder_mails SET state = 'sending', claimed_by = %s,"
+                " attempts = attempts + 1, next_attempt_at = %s WHERE mail = %s",
+                (owner, until, mail),
+            )
+        held = found[0]
+        return replace(
+            held,
+            state="sending",
+            claimed_by=owner,
+            attempts=held.attempts + 1,
+            next_attempt_at=_utc(until),
+        )
+
+    async def reminder_sent(self, mail: str, now: datetime) -> None:
+        async with self._tx() as db:
+            found = await _mails(db, "mail = %s", (mail,), lock=True)
+            await db.execute(
+                "UPDATE reminder_mails SET state = 'sent', sent_at = %s,"
+                " last_error = NULL WHERE mail = %s",
+                (now, mail),
+            )
+            for m in found:
+                await _audit(
+                    db,
+                    [(now, m.tenant, "license", s.license, "reminder_sent",
+                      {"days": s.days, "mail": mail, "to": list(m.recipients)})
+                     for s in m.steps],
+                    m.claimed_by,
+                )  # fmt: skip
+
+    async def reminder_failed(
+        self, mail: str, now: datetime, retry_at: datetime, error: str
+    ) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE reminder_mails SET state = 'waiting', next_attempt_at = %s,"
+                " last_error = %s WHERE mail = %s AND state != 'sent'",
+                (retry_at, error, mail),
+            )
+
+    async def reminder_dropped(self, mail: str, now: datetime, why: str) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE reminder_mails SET state = 'dropped', last_error = %s,"
+                " next_attempt_at = %s WHERE mail = %s AND state != 'sent'",
+                (why, now, mail),
+            )
+
+    async def reminder_mails(
+        self, tenant: str | None = None, *, open_only: bool = False
+    ) -> list[ReminderMail]:
+        where, params = ("tenant = %s", (tenant,)) if tenant else ("true", ())
+        if open_only:
+            where += " AND state IN ('waiting', 'sending')"
+        return await _mails(self._conn, where, params)
+
+    async def fingerprints(self, license_ids: Collection[str]) -> dict[str, str]:
+        """Each license's code as :func:`policy.codes.fingerprint` names it."""
+        rows = await _all(
+            self._conn,
+            "SELECT id, code FROM licenses WHERE id = ANY(%s)",
+            (list(license_ids),),
+        )
+        codes = {r[0]: r[1] for r in rows}
+        return {lid: fingerprint(codes[lid]) for lid in license_ids if lid in codes}
+
 
 class LockedBatch:
     """The tenants a batch holds locked, and the writes that bump them."""
@@ -727,6 +953,85 @@ async def _audit(
             " actor) VALUES (%s, %s, %s, %s, %s, %s, %s)",
             [(*row[:5], json.dumps(row[5]), actor) for row in rows],
         )
+
+
+async def _overlaps(
+    db: Conn, steps: Sequence[ReminderStep], licenses: list[str]
+) -> bool:
+    """Whether any step, or a later one of its license, is claimed already."""
+    rows = await _all(
+        db,
+        "SELECT license, min(days) FROM reminders WHERE license = ANY(%s)"
+        " GROUP BY license",
+        (licenses,),
+    )
+    recorded = {r[0]: r[1] for r in rows}
+    return any(s.license in recorded and recorded[s.license] <= s.days for s in steps)
+
+
+async def _insert_claim(db: Conn, claim: ReminderMail) -> None:
+    await db.execute(
+        "INSERT INTO reminder_mails (mail, tenant, state, recipients, message,"
+        " claimed_at, claimed_by, next_attempt_at)"
+        " VALUES (%s, %s, 'waiting', %s, %s, %s, %s, %s)",
+        (claim.mail, claim.tenant, list(claim.recipients), claim.message,
+         claim.claimed_at, claim.claimed_by, claim.next_attempt_at),
+    )  # fmt: skip
+    async with db.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO reminders VALUES (%s, %s, %s, %s, %s, %s)",
+            [(s.license, s.days, claim.tenant, claim.mail, s.due_at, s.expires_at)
+             for s in claim.steps],
+        )  # fmt: skip
+
+
+async def _mails(
+    db: Conn, where: str, params: Sequence[Any], *, lock: bool = False
+) -> list[ReminderMail]:
+    """The mails ``where`` picks, oldest claim first, each with its steps."""
+    rows = await _all(
+        db,
+        "SELECT mail, tenant, state, recipients, message, claimed_at, claimed_by,"
+        " attempts, next_attempt_at, sent_at, last_error FROM reminder_mails"
+        f" WHERE {where} ORDER BY claimed_at, mail {BYTES}"
+        + (" FOR UPDATE" if lock else ""),
+        params,
+    )
+    if not rows:
+        return []
+    steps: dict[str, list[ReminderStep]] = {r[0]: [] for r in rows}
+    for s in await _all(
+        db,
+        "SELECT mail, license, days, due_at, expires_at FROM reminders"
+        f" WHERE mail = ANY(%s) ORDER BY expires_at, license {BYTES}",
+        (list(steps),),
+    ):
+        steps[s[0]].append(ReminderStep(s[1], s[2], _utc(s[3]), _utc(s[4])))
+    return [_mail(r, steps[r[0]]) for r in rows]
+
+
+def _mail(row: Sequence[Any], steps: Sequence[ReminderStep]) -> ReminderMail:
+    return ReminderMail(
+        mail=row[0],
+        tenant=row[1],
+        state=row[2],
+        recipients=tuple(row[3]),
+        message=bytes(row[4]),
+        claimed_at=_utc(row[5]),
+        claimed_by=row[6],
+        attempts=row[7],
+        next_attempt_at=_utc(row[8]),
+        sent_at=_utc(row[9]) if row[9] is not None else None,
+        last_error=row[10],
+        steps=tuple(steps),
+    )
+
+
+def _ready(mail: ReminderMail, now: datetime, force: bool) -> bool:
+    """Waiting and due (or forced), or sending with its holder's time run out."""
+    if mail.state == "waiting":
+        return force or mail.next_attempt_at <= now
+    return mail.state == "sending" and mail.next_attempt_at <= now
 
 
 def _tenant_of(event: Event) -> str:

@@ -243,9 +243,7 @@ def test_the_gateway_refuses_a_store_that_is_not_a_postgresql_url(
 ) -> None:
     result = CliRunner().invoke(cli, ["--store", "mysql://x/y"], env={})
     assert result.exit_code == 2
-    assert "--store = mysql://x/y: must be a postgresql:// URL" in (
-        result.output
-    )
+    assert "--store = mysql://x/y: must be a postgresql:// URL" in (result.output)
 
 
 async def test_an_activation_by_the_tool_reaches_a_cluster_within_a_second(

@@ -14,6 +14,7 @@ import pytest
 from policy.admission import Cause, Joined, Left, Place, Reason, SeatChanged, Verdict
 from policy.errors import RuleViolation, StoreError
 from policy.licenses import Kind, State, Tier
+from policy.postgres_store import MIGRATIONS
 from policy.sqlite_store import SCHEMA, SqliteStore
 from policy.store import Store
 from policy.stores import open_store
@@ -164,7 +165,7 @@ async def test_postgres_migrates_once_and_refuses_a_newer_schema(
         await opened.close()
     with psycopg.connect(postgres_url, autocommit=True) as db:
         versions = db.execute("SELECT version FROM schema_version").fetchall()
-        assert versions == [(1,)]
+        assert versions == [(n,) for n in range(1, len(MIGRATIONS) + 1)]
         db.execute("INSERT INTO schema_version VALUES (99)")
     with pytest.raises(StoreError, match="newer than this program"):
         await open_store(postgres_url)
