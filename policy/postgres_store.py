@@ -496,6 +496,19 @@ class PostgresStore:
                     [(r[0], tenant.id, *r[1:4], json.dumps(r[4]), r[5])
                      for r in data.audit],
                 )  # fmt: skip
+                await cur.executemany(
+                    "INSERT INTO contacts (tenant, address, added_at)"
+                    " VALUES (%s, %s, %s)",
+                    [(tenant.id, address, now) for address in data.contacts],
+                )
+            for mail in data.reminders:
+                await _insert_claim(db, mail)
+                await db.execute(
+                    "UPDATE reminder_mails SET state = %s, attempts = %s,"
+                    " sent_at = %s, last_error = %s WHERE mail = %s",
+                    (mail.state, mail.attempts, mail.sent_at, mail.last_error,
+                     mail.mail),
+                )  # fmt: skip
             detail = {"licenses": len(data.licenses), "routers": len(data.routers)}
             await _audit(
                 db, [(now, tenant.id, "tenant", tenant.id, "moved", detail)], actor

@@ -515,6 +515,8 @@ class SqliteStore:
              for r in licenses],
             [(*r[:4], bool(r[4]), _instant(r[5]), _instant(r[6])) for r in routers],
             [(_instant(r[0]), *r[1:4], json.loads(r[4]), r[5]) for r in audit],
+            await self.contacts(tenant),
+            await self.reminder_mails(tenant),
         )  # fmt: skip
 
     async def changes_after(self, seq: int) -> tuple[int, set[str]]:

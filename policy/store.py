@@ -10,7 +10,7 @@ that tenant within a second.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -107,6 +107,9 @@ class TenantData:
     licenses: list[tuple[Any, ...]]
     routers: list[tuple[Any, ...]]
     audit: list[tuple[Any, ...]]
+    contacts: list[str] = field(default_factory=list)
+    reminders: list[ReminderMail] = field(default_factory=list)
+    """Every reminder mail claimed so far, so none is sent twice after a move."""
 
 
 class Store(Protocol):

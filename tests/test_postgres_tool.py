@@ -6,14 +6,17 @@ import asyncio
 import json
 import os
 import subprocess
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from policy.admission import Joined, Place
+from policy.postgres_store import PostgresStore
 from policy.sqlite_store import SqliteStore
+from policy.store import ReminderMail, ReminderStep
 from tests.conftest import BIN
 from tests.seeding import add_available, seed_tenant
 
@@ -78,6 +81,56 @@ def test_move_tenant_copies_licenses_routers_in_order_and_audit(
     assert events[0] == "created"
     assert events[-1] == "moved"
     assert tenant == (8, 2)
+
+
+def _remembered(db: Path) -> ReminderMail:
+    """Give T a contact and one sent reminder mail, as the gateway would."""
+    mail = ReminderMail(
+        mail="m-30", tenant="T", state="waiting", recipients=("ops@t.example",),
+        message=b"Subject: expiry\r\n\r\nsoon\r\n", claimed_at=NOW,
+        claimed_by="gateway gw1", attempts=0, next_attempt_at=NOW, sent_at=None,
+        last_error=None, steps=(ReminderStep("L1", 30, NOW, NOW + timedelta(30)),),
+    )  # fmt: skip
+
+    async def write() -> None:
+        store = await SqliteStore.open(db)
+        await store.add_contacts("T", ["ops@t.example"], NOW, "admin")
+        assert await store.claim_reminder(mail)
+        held = NOW + timedelta(minutes=10)
+        taken = await store.take_reminder("m-30", NOW, held, "gateway gw1", force=True)
+        assert taken is not None
+        await store.reminder_sent("m-30", NOW)
+        await store.close()
+
+    asyncio.run(write())
+    return mail
+
+
+def test_a_moved_tenant_keeps_its_contacts_and_sends_no_reminder_twice(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    db = tmp_path / "irm.db"
+    asyncio.run(seed_tenant(db, "T", basic1=1))
+    mail = _remembered(db)
+
+    ok("--database", str(db), "move-tenant", "T", "--to", postgres_url)
+
+    async def read() -> tuple[list[str], list[ReminderMail], bool]:
+        store = await PostgresStore.open(postgres_url)
+        try:
+            again = replace(mail, mail="m-30-again", claimed_at=NOW + timedelta(1))
+            return (
+                await store.contacts("T"),
+                await store.reminder_mails("T"),
+                await store.claim_reminder(again),
+            )
+        finally:
+            await store.close()
+
+    contacts, mails, claimed_again = asyncio.run(read())
+    assert contacts == ["ops@t.example"]
+    assert [(m.mail, m.state, m.steps) for m in mails] == [("m-30", "sent", mail.steps)]
+    assert claimed_again is False
 
 
 def test_moving_a_tenant_the_destination_has_is_refused_and_changes_nothing(

@@ -4,7 +4,8 @@ A deployment that grows from one gateway on SQLite to several on
 PostgreSQL moves its tenants one by one. The copy is all or nothing (one
 PostgreSQL transaction) and keeps everything the gateways and admins rely
 on: licenses with their codes and recorded states, routers with their
-epochs and places in arrival order, and the audit log. The source is left
+epochs and places in arrival order, the audit log, the tenant's contacts
+and every reminder mail claimed so far (so none is sent twice). The source is left
 as it was, as a backup; stop the gateway that uses it first.
 """
 
@@ -59,7 +60,8 @@ def move_command(
         click.echo(
             f"Moved tenant {tenant}: {moved['licenses']} licenses, "
             f"{moved['routers']} routers ({moved['in_line']} in line), "
-            f"{moved['audit']} audit entries."
+            f"{moved['audit']} audit entries, {moved['contacts']} contacts, "
+            f"{moved['reminders']} reminder mails."
         )
 
 
@@ -83,4 +85,6 @@ async def _move(settings: _Settings, tenant: str, destination: str) -> dict[str,
         "routers": len(data.routers),
         "in_line": sum(r[3] is not None for r in data.routers),
         "audit": len(data.audit),
+        "contacts": len(data.contacts),
+        "reminders": len(data.reminders),
     }
