@@ -25,6 +25,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from gateway.mail import SENDER_PATTERN, SENDER_RULE
 from gateway.protocol import NAME_PATTERN, PREFIX
 
 ENV_PREFIX = "IRM_"
@@ -142,8 +143,8 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_from: str = Field(
         "irm-gateway@localhost",
-        pattern=r"^[^@\s<>]+@[^@\s<>]+$",
-        description="one address, name@domain, that the server accepts as sender",
+        pattern=SENDER_PATTERN,
+        description=SENDER_RULE,
     )
     smtp_check_seconds: float = Field(
         60.0,

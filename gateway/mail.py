@@ -43,6 +43,11 @@ from policy.reminders import Due, due, due_step, mail_key, unrecorded
 from policy.store import ReminderMail, ReminderStep, Store, Tenant
 from policy.timeutil import to_text, zone
 
+SENDER_PATTERN = r"^[^@\s<>]+@[^@\s<>]+$"
+SENDER_RULE = "one address, name@domain, that the server accepts as sender"
+"""The sender is the mail server's to judge ("name@localhost" is fine on
+many); only what cannot be one address is refused."""
+
 HOLD = timedelta(minutes=10)
 """How long an attempt holds a mail; past that its sender is taken as dead.
 Far longer than :data:`SMTP_TIMEOUT`, so a live sender is never overtaken."""

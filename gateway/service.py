@@ -291,9 +291,9 @@ class Gateway:
                 self._refuse(tenant, router, Reason.MALFORMED_HELLO, inbound, problem)
             return None
         if message.tenant not in (None, tenant) or message.router not in (None, router):
-            self._bad("topic_mismatch", tenant, router)
+            detail = "tenant or router in the payload differs from the topic"
+            self._bad("topic_mismatch", tenant, router, detail)
             if kind == "hello":
-                detail = "tenant or router in the payload differs from the topic"
                 self._refuse(tenant, router, Reason.TOPIC_MISMATCH, inbound, detail)
             return None
         done = asyncio.get_running_loop().create_future()
@@ -305,12 +305,12 @@ class Gateway:
         verdict = self._limiter.take((tenant, router), now)
         if verdict is Flood.PASS:
             return True
-        self._bad("rate_limited", tenant, router)
+        detail = (
+            f"over {self.settings.hello_burst} hellos at once or "
+            f"{self.settings.hello_rate:g} a second: wait, then say hello once"
+        )
+        self._bad("rate_limited", tenant, router, detail)
         if verdict is Flood.TELL:
-            detail = (
-                f"over {self.settings.hello_burst} hellos at once or "
-                f"{self.settings.hello_rate:g} a second: wait, then say hello once"
-            )
             self._refuse(tenant, router, Reason.RATE_LIMITED, inbound, detail)
         return False
 
@@ -430,7 +430,7 @@ class Gateway:
         tenant, router, message = item.tenant, item.router, item.message
         if tenant not in self.admission.lines:
             if item.kind == "hello":
-                self._bad("unknown_tenant", tenant, router)
+                self._bad("unknown_tenant", tenant, router, "no such tenant")
                 self.metrics.decided("reject", Reason.UNKNOWN_TENANT.value, "hello")
                 reply = protocol.refusal(
                     tenant, router, Reason.UNKNOWN_TENANT, now, _ref(message)

@@ -761,3 +761,20 @@ def test_every_command_and_group_has_help() -> None:
         assert result.exit_code == 0, (path, result.output)
         assert result.stdout.startswith("Usage: ")
         assert (command.help or "").strip(), path
+
+
+def test_a_contact_differing_only_in_case_is_not_added_twice(tool: Tool) -> None:
+    tool.ok("contacts", "add", "--tenant", "acme", "ops@acme.example")
+
+    again = tool.ok(
+        "contacts", "add", "--tenant", "acme", "OPS@ACME.EXAMPLE",
+        "Boss@acme.example", "boss@acme.example",
+    )  # fmt: skip
+
+    assert "OPS@acme.example: already a contact" in again.output
+    assert "boss@acme.example: already a contact" in again.output
+    listed = tool.json("contacts", "list", "--tenant", "acme")
+    assert listed == {
+        "tenant": "acme",
+        "contacts": ["Boss@acme.example", "ops@acme.example"],
+    }

@@ -3,12 +3,15 @@ password never shows."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
 from gateway.__main__ import cli
 from gateway.config import Settings
 from gateway.reminders import smtp_of
+from tools.cli import cli as tool
 
 SMTP_ENV = ("HOST", "PORT", "TLS", "USERNAME", "PASSWORD", "FROM", "CHECK_SECONDS")
 CLEAN_ENV: dict[str, str | None] = {f"IRM_SMTP_{name}": None for name in SMTP_ENV}
@@ -49,3 +52,14 @@ def test_the_password_reaches_the_sender_and_nothing_that_is_shown() -> None:
     assert "pa55" not in repr(smtp)
     assert "pa55" not in repr(settings)
     assert smtp_of(Settings()) is None
+
+
+def test_the_tool_refuses_a_sender_that_cannot_be_one_address(tmp_path: Path) -> None:
+    result = CliRunner(env=CLEAN_ENV).invoke(
+        tool,
+        ["--database", str(tmp_path / "irm.db"), "reminders", "send",
+         "--smtp-host", "127.0.0.1", "--smtp-from", "not an address"],
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    assert "'not an address' must be one address, name@domain" in result.output

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections import Counter
@@ -130,7 +131,11 @@ class Settings:
         """The vendor key codes are verified with (the demo key by default)."""
         if self.vendor_key is not None:
             return keys.load_public_key(self.vendor_key)
-        _warn_demo(keys.DEMO_PUBLIC_KEY_PATH, "--vendor-key or IRM_VENDOR_PUBLIC_KEY")
+        _warn_demo(
+            keys.DEMO_PUBLIC_KEY_PATH,
+            "IRM_VENDOR_PUBLIC_KEY=FILE or irm-tool --vendor-key FILE (before the "
+            "command)",
+        )
         return keys.load_public_key(keys.DEMO_PUBLIC_KEY_PATH)
 
 
@@ -1375,6 +1380,10 @@ cli.add_command(move_command, "move-tenant")
 
 def main() -> None:
     """The ``irm-tool`` console script."""
+    # The MQTT client logs a refused login itself, packet bytes and all; the
+    # commands say what went wrong in the admin's words instead.
+    logging.getLogger("gmqtt").addHandler(logging.NullHandler())
+    logging.getLogger("gmqtt").propagate = False
     cli.main(prog_name="irm-tool")
 
 

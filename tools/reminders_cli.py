@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,7 +25,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from gateway.mail import Pass, Reminders, Smtp
+from gateway.mail import SENDER_PATTERN, SENDER_RULE, Pass, Reminders, Smtp
 from policy.errors import BadInput, IrmError
 from policy.reminders import due, unrecorded
 from policy.store import ReminderMail, Store, Tenant
@@ -116,7 +117,12 @@ def contacts_add(settings: Settings, addresses: tuple[str, ...], tenant: str) ->
 
     async def work(store: Store) -> list[str]:
         await _tenant(store, tenant)
-        return await store.add_contacts(tenant, wanted, settings.now, ADMIN)
+        # Mail systems treat the local part without regard to case, so
+        # OPS@acme.example beside ops@acme.example would get every mail twice.
+        have = {a.casefold() for a in await store.contacts(tenant)}
+        fresh = [a for a in dict.fromkeys(wanted) if a.casefold() not in have]
+        unique = list({a.casefold(): a for a in reversed(fresh)}.values())[::-1]
+        return await store.add_contacts(tenant, unique, settings.now, ADMIN)
 
     added = _run(settings, work)
     for address in wanted:
@@ -317,8 +323,10 @@ def reminders_send(
     The claims are the gateway's: a reminder it sent already is not sent
     again, and one it is sending right now is left to it.
     """
-    # The sender is the mail server's to judge: "name@localhost" is fine
-    # on many, and would fail a check for a public domain.
+    if not re.match(SENDER_PATTERN, smtp_from):
+        raise click.BadParameter(
+            f"{smtp_from!r} must be {SENDER_RULE}", param_hint="--smtp-from"
+        )
     smtp = Smtp(smtp_host, smtp_port, smtp_tls, smtp_from, smtp_username, smtp_password)
 
     async def work(store: Store) -> Pass:

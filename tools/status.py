@@ -31,7 +31,7 @@ from policy.timeutil import from_text, to_text
 if TYPE_CHECKING:
     from tools.cli import Settings
 
-DEFAULT_URL = "http://127.0.0.1:18831"
+DEFAULT_URL = "http://127.0.0.1:18832"
 """Where deploy/irm-gateway.toml puts the gateway's HTTP port."""
 TIMEOUT = 2.0
 
