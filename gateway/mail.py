@@ -308,7 +308,7 @@ def body(letter: Letter) -> str:
         lines += _consequence(letter, expiry)
     free = [d for d in letter.dues if d.license.kind is Kind.FREE]
     if free:
-        lines += ["", *_renewal(letter.tenant, free[0])]
+        lines += ["", *_renewal(letter, free[0])]
     lines += [
         "",
         "This reminder is sent at 30, 23, 16, 9 and 2 days before a license",
@@ -344,8 +344,22 @@ def _consequence(letter: Letter, expiry: datetime) -> list[str]:
     return lines
 
 
-def _renewal(tenant: Tenant, d: Due) -> list[str]:
-    end = to_text(d.expires_at)
+def _renewal(letter: Letter, d: Due) -> list[str]:
+    tenant, end = letter.tenant, to_text(d.expires_at)
+    stocked = [
+        lic.id
+        for lic in letter.licenses
+        if lic.kind is Kind.FREE
+        and lic.activation_at is None
+        and lic.stock_limit > d.expires_at
+    ]
+    if stocked:
+        return [
+            f"How to renew Cloud Free: license {stocked[0]} is in stock; activate",
+            "it at the end of the current one (two free licenses are never valid",
+            "at once), and the routers keep their seats:",
+            f"  irm-tool activate --tenant {tenant.id} {stocked[0]} --at {end}",
+        ]
     return [
         "How to renew Cloud Free: import a new Cloud Free code and activate it",
         "at or after the end of the current one (two free licenses are never",

@@ -28,7 +28,7 @@ from policy.reminders import STEPS, step_at
 from policy.sqlite_store import SCHEMA, SqliteStore
 from policy.timeutil import to_text
 from tests.mailserver import MailServer, Received
-from tests.seeding import seed_licenses
+from tests.seeding import mint, seed_licenses
 
 ISSUED = datetime(2026, 1, 1, tzinfo=UTC)
 START = datetime(2026, 1, 10, 9, 0, tzinfo=UTC)
@@ -145,6 +145,25 @@ async def test_a_cloud_free_reminder_says_how_to_renew(
         "irm-tool activate --tenant free NEW-LICENSE-ID --at 2027-01-10T09:00:00Z"
         in received.text
     )
+
+
+async def test_a_cloud_free_reminder_names_the_free_license_in_stock(
+    store: SqliteStore, mail: MailServer
+) -> None:
+    await seed_licenses(store, "free", [START], kind=Kind.FREE)
+    spare, code = mint(Kind.FREE, START)
+    spare = replace(spare, tenant="free", imported_at=START)
+    await store.add_licenses("free", [(spare, code)], START, "test")
+
+    await sender(store, mail).run_once(EXPIRY - timedelta(days=2))
+
+    (received,) = mail.messages()
+    assert f"license {spare.id} is in stock" in received.text
+    assert (
+        f"irm-tool activate --tenant free {spare.id} --at 2027-01-10T09:00:00Z"
+        in received.text
+    )
+    assert "NEW-CODE" not in received.text
 
 
 async def test_after_downtime_only_the_latest_due_reminder_goes_out(
