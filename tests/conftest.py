@@ -23,7 +23,7 @@ import pytest
 
 from gateway import protocol
 from tests.seeding import seed_tenant
-from tools.accounts import router_account
+from tools.accounts import SERVICE_ACCOUNTS, router_account
 from tools.broker import Broker
 from tools.router import SimRouter
 
@@ -62,15 +62,23 @@ def sim_router(broker: Broker, tenant: str, router: str, **options: Any) -> SimR
     return SimRouter("127.0.0.1", broker.router_port, tenant, router, **options)
 
 
-async def mqtt_client(broker: Broker, account: tuple[str, str] | None = None) -> Any:
-    """A connected gmqtt client of the service listener, as ``account``.
+async def mqtt_client(
+    broker: Broker, account: tuple[str, str] | None = None, *,
+    port: int | None = None, client_id: str | None = None,
+) -> Any:  # fmt: skip
+    """A connected gmqtt client as ``account``, on the listener it may use.
 
     Default: the operator's read-only account, as every watcher here uses.
+    The service accounts log in on the service listener, a tenant's
+    consumers on the routers' password listener; ``port`` and
+    ``client_id`` override the listener and the (random) client id.
     """
-    client = gmqtt.Client(None)
     user, password = account or broker.admin
+    if port is None:
+        port = broker.port if user in SERVICE_ACCOUNTS else broker.router_port
+    client = gmqtt.Client(client_id)
     client.set_auth_credentials(user, password)
-    await client.connect("127.0.0.1", broker.port)
+    await client.connect("127.0.0.1", port)
     return client
 
 

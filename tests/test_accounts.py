@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import stat
@@ -10,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from gateway.flood import HelloLimiter, Verdict
 from policy.errors import BadInput
@@ -119,7 +120,9 @@ def test_the_tool_refuses_to_add_twice_or_revoke_nothing_and_changes_nothing(
 ) -> None:
     passwd = tmp_path / "passwd"
     base = ["accounts", "--password-file", str(passwd)]
-    runner = CliRunner(env={"IRM_BROKER_PID_FILE": None})
+    runner = CliRunner(
+        env={"IRM_BROKER_PID_FILE": None, "IRM_BROKER_SERVICE_PASSWORD_FILE": None}
+    )
     made = runner.invoke(cli, [*base, "add", "--tenant", "acme", "R01"])
     before = passwd.read_text()
 
@@ -134,3 +137,194 @@ def test_the_tool_refuses_to_add_twice_or_revoke_nothing_and_changes_nothing(
     assert "no such account: acme/R02" in nothing.stderr
     assert "router 'R/1'" in bad.stderr
     assert passwd.read_text() == before
+
+
+def accounts_tool(tmp_path: Path, *args: str, pid_file: Path | None = None) -> Result:
+    """``irm-tool accounts`` on password files in ``tmp_path``."""
+    files = [
+        "--password-file", str(tmp_path / "passwd"),
+        "--service-password-file", str(tmp_path / "service.passwd"),
+    ]  # fmt: skip
+    if pid_file is not None:
+        files += ["--pid-file", str(pid_file)]
+    runner = CliRunner(env={"IRM_BROKER_PID_FILE": None, "IRM_ROUTER_CA_DIR": None})
+    return runner.invoke(cli, ["accounts", *files, *args])
+
+
+def ended_pid(tmp_path: Path) -> Path:
+    """A pid file naming a process that has ended, as after a broker crash."""
+    done = subprocess.Popen(["true"])
+    done.wait()
+    path = tmp_path / "stale.pid"
+    path.write_text(f"{done.pid}\n")
+    return path
+
+
+def test_a_change_the_broker_cannot_be_told_of_is_not_made(tmp_path: Path) -> None:
+    made = accounts_tool(tmp_path, "add", "--tenant", "acme", "R1")
+    before = (tmp_path / "passwd").read_text()
+
+    results = [
+        accounts_tool(tmp_path, *args, pid_file=pid_file)
+        for pid_file in (ended_pid(tmp_path), tmp_path / "none.pid")
+        for args in (
+            ("add", "--tenant", "acme", "R7"),
+            ("rotate", "--tenant", "acme", "R1"),
+        )
+    ]
+
+    assert made.exit_code == 0, made.output
+    assert [r.exit_code for r in results] == [1, 1, 1, 1]
+    assert all("nothing changed" in r.stderr for r in results)
+    assert all("password" not in r.stdout for r in results)
+    assert "No such process" in results[0].stderr
+    assert "No such file" in results[2].stderr
+    assert (tmp_path / "passwd").read_text() == before
+
+
+def test_a_password_made_is_shown_even_when_the_reload_then_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker goes away between the tool's check and its signal."""
+    live = tmp_path / "live.pid"
+    live.write_text(f"{os.getpid()}\n")
+
+    def gone(pid_file: Path) -> int:
+        raise accounts.BrokerError(f"cannot reload the broker from pid file {pid_file}")
+
+    monkeypatch.setattr(accounts, "reload_broker", gone)
+    result = accounts_tool(tmp_path, "add", "--tenant", "acme", "R7", pid_file=live)
+
+    assert result.exit_code == 1
+    password = result.stdout.split("added acme/R7 password ")[1].strip()
+    entry = accounts.PasswordFile(tmp_path / "passwd").entries["acme/R7"]
+    assert accounts.check_password(password, entry)
+    assert "the accounts above were added in" in result.stderr
+    assert "reload the broker (SIGHUP)" in result.stderr
+
+
+def test_service_accounts_go_to_the_service_file_and_list_shows_both(
+    tmp_path: Path,
+) -> None:
+    service = accounts_tool(tmp_path, "add", "--service", "_gateway")
+    router = accounts_tool(tmp_path, "add", "--tenant", "acme", "R1")
+    listed = accounts_tool(tmp_path, "list", "--json")
+    grouped = accounts_tool(tmp_path, "--json", "list")
+    gateway_name = accounts_tool(tmp_path, "add", "--tenant", "irm-gateway-gw1")
+
+    assert (service.exit_code, router.exit_code) == (0, 0)
+    assert list(accounts.PasswordFile(tmp_path / "service.passwd").entries) == [
+        "_gateway"
+    ]
+    assert list(accounts.PasswordFile(tmp_path / "passwd").entries) == ["acme/R1"]
+    assert json.loads(listed.stdout) == {"accounts": ["_gateway", "acme/R1"]}
+    assert grouped.stdout == listed.stdout
+    assert gateway_name.exit_code == 1
+    assert "may not begin with 'irm-gateway-'" in gateway_name.stderr
+
+
+def test_the_service_file_must_be_named_for_a_service_account(tmp_path: Path) -> None:
+    runner = CliRunner(env={"IRM_BROKER_SERVICE_PASSWORD_FILE": None})
+    result = runner.invoke(
+        cli,
+        ["accounts", "--password-file", str(tmp_path / "passwd"),
+         "add", "--service", "_admin"],
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    assert "--service-password-file" in result.stderr
+    assert not (tmp_path / "passwd").exists()
+
+
+@pytest.fixture
+def ca_dir(tmp_path: Path) -> Path:
+    made = accounts_tool(
+        tmp_path, "cert", "--ca-dir", str(tmp_path / "ca"), "init",
+        "--server-name", "mqtt.example.com",
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    return tmp_path / "ca"
+
+
+def test_certificates_of_a_missing_or_broken_ca_are_refused(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    junk = tmp_path / "junk"
+    shutil.copytree(ca_dir, junk)
+    (junk / "ca.pem").write_text("not a certificate\n")
+    out = tmp_path / "out"
+
+    def cert(directory: Path, *args: str) -> Result:
+        return accounts_tool(tmp_path, "cert", "--ca-dir", str(directory), *args)
+
+    missing = tmp_path / "none"
+    results = {
+        "issue, no CA": cert(
+            missing, "issue", "--tenant", "acme", "--out", str(out), "R1"
+        ),
+        "revoke, no CA": cert(missing, "revoke", "--tenant", "acme", "R1"),
+        "junk CA": cert(junk, "issue", "--tenant", "acme", "--out", str(out), "R1"),
+        "bad out": cert(ca_dir, "issue", "--tenant", "acme", "--out", "/proc/x", "R1"),
+    }
+
+    assert {k: r.exit_code for k, r in results.items()} == dict.fromkeys(results, 1)
+    assert f"{missing / 'ca.pem'}: no such file" in results["issue, no CA"].stderr
+    assert f"{missing / 'ca.pem'}: no such file" in results["revoke, no CA"].stderr
+    assert f"{junk / 'ca.pem'}: not a PEM certificate" in results["junk CA"].stderr
+    assert "cannot make the directory /proc/x" in results["bad out"].stderr
+    assert not any("Traceback" in r.output for r in results.values())
+    assert not out.exists()
+    assert not missing.exists()
+    assert not (ca_dir / "issued").exists()
+
+
+def test_revoking_a_certificate_never_issued_is_one_clear_refusal(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    crl = (ca_dir / "crl.pem").read_bytes()
+
+    result = accounts_tool(
+        tmp_path, "cert", "--ca-dir", str(ca_dir), "revoke", "--tenant", "acme", "R77"
+    )
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"irm-tool: no certificate was issued to acme/R77 by the CA in {ca_dir}; "
+        "nothing revoked"
+    ]
+    assert (ca_dir / "crl.pem").read_bytes() == crl
+
+
+def test_a_server_name_that_is_not_a_host_name_is_refused(tmp_path: Path) -> None:
+    result = accounts_tool(
+        tmp_path, "cert", "--ca-dir", str(tmp_path / "ca"), "init",
+        "--server-name", "bad name!",
+    )  # fmt: skip
+
+    assert result.exit_code == 1
+    assert "server name 'bad name!': must be a DNS name" in result.stderr
+    assert not (tmp_path / "ca").exists()
+
+
+def test_a_revocation_keeps_the_lists_group_and_mode(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    """The broker reads crl.pem through its group."""
+    crl = ca_dir / "crl.pem"
+    group = 65534 if os.geteuid() == 0 else os.getegid()  # nogroup when root
+    os.chown(crl, -1, group)
+    crl.chmod(0o640)
+    issued = accounts_tool(
+        tmp_path, "cert", "--ca-dir", str(ca_dir), "issue", "--tenant", "acme",
+        "--out", str(tmp_path / "out"), "R1",
+    )  # fmt: skip
+
+    revoked = accounts_tool(
+        tmp_path, "cert", "--ca-dir", str(ca_dir), "revoke", "--tenant", "acme", "R1"
+    )
+
+    assert (issued.exit_code, revoked.exit_code) == (0, 0), revoked.output
+    assert "revoked 1 certificate(s) of acme/R1" in revoked.stdout
+    after = crl.stat()
+    assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (group, 0o640)

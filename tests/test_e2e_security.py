@@ -25,6 +25,7 @@ from gateway import protocol
 from gateway.protocol import Decision
 from tests.conftest import (
     BIN,
+    GatewayProcess,
     PresenceWatch,
     mqtt_client,
     sim_router,
@@ -187,11 +188,12 @@ async def test_no_connection_without_valid_credentials(broker: Broker) -> None:
     user = accounts.router_account("acme", "R01")
     password = broker.router_password("acme", "R01")
     broker.flush()
-    for port in (broker.port, broker.router_port):
-        assert accounts.connack("127.0.0.1", port, user, password) == 0
-        assert accounts.connack("127.0.0.1", port, user, "wrong") == 5
+    logins = {broker.router_port: (user, password), broker.port: broker.gateway}
+    for port, (name, secret) in logins.items():
+        assert accounts.connack("127.0.0.1", port, name, secret) == 0
+        assert accounts.connack("127.0.0.1", port, name, "wrong") == 5
         assert accounts.connack("127.0.0.1", port, "", "") == 5
-        assert accounts.connack("127.0.0.1", port, "acme/R09", password) == 5
+        assert accounts.connack("127.0.0.1", port, "acme/R09", secret) == 5
     anonymous = sim_router(broker, "acme", "R01", username=None)
     with pytest.raises(gmqtt.mqtt.handler.MQTTConnectError):
         await anonymous.connect()
@@ -217,7 +219,7 @@ async def test_a_revoked_router_can_no_longer_connect(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     accounts.wait_for_reload(
-        "127.0.0.1", broker.port, (user, password), accounts.CONNACK_REFUSED
+        "127.0.0.1", broker.router_port, (user, password), accounts.CONNACK_REFUSED
     )
 
     again = sim_router(broker, "acme", "R01", username=user, password=password)
@@ -236,16 +238,16 @@ async def test_rotating_a_password_retires_the_old_one(broker: Broker) -> None:
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     old = json.loads(made.stdout)["added"][0]["password"]
-    accounts.wait_for_reload("127.0.0.1", broker.port, ("acme/R07", old), 0)
+    accounts.wait_for_reload("127.0.0.1", broker.router_port, ("acme/R07", old), 0)
 
     rotated = subprocess.run(
         [*tool, "rotate", "--tenant", "acme", "R07"],
         capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     new = json.loads(rotated.stdout)["rotated"][0]["password"]
-    accounts.wait_for_reload("127.0.0.1", broker.port, ("acme/R07", new), 0)
+    accounts.wait_for_reload("127.0.0.1", broker.router_port, ("acme/R07", new), 0)
 
-    assert accounts.connack("127.0.0.1", broker.port, "acme/R07", old) == 5
+    assert accounts.connack("127.0.0.1", broker.router_port, "acme/R07", old) == 5
     assert new not in broker.password_file.read_text()
 
 
@@ -267,6 +269,116 @@ async def test_another_routers_client_id_does_not_take_its_session(
 
     assert decision.decision == "accept"
     assert all(p.state == "online" for p in presence.of("R02"))
+
+
+async def test_only_service_accounts_log_in_on_the_service_listener(
+    broker: Broker,
+) -> None:
+    """Routers and consumers log in only where their client id is their account."""
+    logins = {
+        **attacker_logins(broker), "gateway": broker.gateway, "operator": broker.admin
+    }  # fmt: skip
+
+    codes = {
+        who: tuple(
+            accounts.connack("127.0.0.1", port, *login)
+            for port in (broker.port, broker.router_port)
+        )
+        for who, login in logins.items()
+    }
+
+    assert codes == {
+        "router": (5, 0), "consumer": (5, 0), "gateway": (0, 5), "operator": (0, 5)
+    }  # fmt: skip
+
+
+def attacker_logins(broker: Broker) -> dict[str, tuple[str, str]]:
+    """A router of tenant acme and acme's consumers, known to the broker."""
+    logins = {
+        "router": (
+            accounts.router_account("acme", "R01"),
+            broker.router_password("acme", "R01"),
+        ),
+        "consumer": ("acme", broker.account(accounts.tenant_account("acme"))),
+    }
+    broker.flush()
+    return logins
+
+
+async def try_client_id(
+    broker: Broker, client_id: str, login: tuple[str, str], port: int
+) -> bool:
+    """Connect with ``client_id`` and leave cleanly; whether the broker let us."""
+    try:
+        attacker = await mqtt_client(broker, login, port=port, client_id=client_id)
+    except gmqtt.mqtt.handler.MQTTConnectError:
+        return False
+    await attacker.disconnect()
+    return True
+
+
+async def test_no_one_takes_another_tenants_or_the_gateways_session_by_client_id(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Acme's router and consumers, on every listener, using beta's router's
+    or the gateway's client id: both stay connected."""
+    _, gateway = await started_gateway(broker, tmp_path, "beta", basic1=2)
+    victim = sim_router(broker, "beta", "R02")
+    await victim.connect()
+    assert (await victim.ask())[0].decision == "accept"
+    logins = attacker_logins(broker)
+    let_in = []
+
+    async with (
+        Everything(broker) as everything,
+        PresenceWatch(broker, "beta") as presence,
+    ):
+        for client_id in ("beta/R02", "beta.R02", gateway_client_id()):
+            for who, login in logins.items():
+                if await try_client_id(broker, client_id, login, broker.port):
+                    let_in.append((who, client_id))
+                await try_client_id(broker, client_id, login, broker.router_port)
+            over_tls = sim_router(broker, "acme", "R05", tls=True, client_id=client_id)
+            await over_tls.connect()
+            await over_tls.disconnect()
+        decision, _ = await victim.ask()
+        await everything.until_topic(victim.topic("hello"))
+
+    assert decision.decision == "accept"
+    assert victim.topic("goodbye") not in everything.topics()
+    assert [p.state for p in presence.of("R02")] in ([], ["online"])
+    assert len(gateway_connects(gateway)) == 1
+    assert let_in == []
+
+
+async def test_the_gateways_session_survives_its_client_id_while_it_is_down(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """A hello sent while the gateway is down waits in its session."""
+    _, gateway = await started_gateway(broker, tmp_path, "beta", basic1=2)
+    router = sim_router(broker, "beta", "R02")
+    await router.connect()
+    logins = attacker_logins(broker)
+    gateway.kill()
+
+    for login in logins.values():
+        for port in (broker.port, broker.router_port):
+            await try_client_id(broker, gateway_client_id(), login, port)
+    router.hello()
+    await gateway.start()
+    decision = await router.next_decision()
+
+    assert decision.decision == "accept"
+    assert gateway_connects(gateway)[-1]["session_present"] is True
+
+
+def gateway_client_id() -> str:
+    """The client id of a gateway started with the default --gateway-id."""
+    return "irm-gateway-gw1"
+
+
+def gateway_connects(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    return [e for e in gateway.log_lines() if e.get("event") == "broker connected"]
 
 
 async def test_a_response_topic_outside_the_reply_topic_is_not_written(

@@ -10,6 +10,11 @@ Account names follow the broker's access rules (mosquitto.acl):
 - the service accounts start with ``_`` (``_gateway``, ``_admin``), which
   no tenant or router id can, so they never collide with a customer's.
 
+Routers and consumers are in one password file, read by the listeners
+that make the account name the client id; the service accounts are in
+another, read by the service listener alone, where a client chooses its
+client id (mosquitto.conf).
+
 Passwords are stored as Mosquitto's ``$7$`` entries (PBKDF2-HMAC-SHA512,
 as ``mosquitto_passwd`` writes them); the plain password is shown once,
 when it is made, and never stored.
@@ -41,6 +46,10 @@ SALT_BYTES = 12
 GATEWAY = "_gateway"
 ADMIN = "_admin"
 SERVICE_ACCOUNTS = (GATEWAY, ADMIN)
+GATEWAY_CLIENT_IDS = "irm-gateway-"
+"""The gateways' client ids begin so; a consumer account of that name would
+be given such a client id on the routers' listener, and take over a gateway's
+session."""
 CONNACK_ACCEPTED = 0
 CONNACK_REFUSED = 5
 """MQTT 3.1.1 CONNACK return codes: accepted, and not authorised."""
@@ -57,6 +66,11 @@ def router_account(tenant: str, router: str) -> str:
 
 def tenant_account(tenant: str) -> str:
     """The broker user name of a tenant's consumers: the tenant id."""
+    if tenant.startswith(GATEWAY_CLIENT_IDS):
+        raise BadInput(
+            f"tenant {tenant!r}: a consumer account may not begin with "
+            f"{GATEWAY_CLIENT_IDS!r}, the gateways' client ids"
+        )
     return _checked(tenant, "tenant")
 
 
@@ -149,6 +163,15 @@ class PasswordFile:
         spare.replace(self.path)
 
 
+def broker_pid(pid_file: Path) -> int:
+    """The pid in ``pid_file``, of a process this user may signal.
+
+    Checked before a change is written, so that a change the broker could
+    not be told of is not made at all.
+    """
+    return _signal(pid_file, 0)
+
+
 def reload_broker(pid_file: Path) -> int:
     """Send SIGHUP to the broker whose pid ``pid_file`` holds; returns the pid.
 
@@ -156,13 +179,19 @@ def reload_broker(pid_file: Path) -> int:
     clients stay connected, so a revoked account is cut off at its next
     connect.
     """
+    return _signal(pid_file, signal.SIGHUP)
+
+
+def _signal(pid_file: Path, number: int) -> int:
+    what = f"cannot reload the broker from pid file {pid_file}"
     try:
-        pid = int(pid_file.read_text().split()[0])
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError, IndexError) as exc:
-        raise BrokerError(
-            f"cannot reload the broker from pid file {pid_file}: {exc}"
-        ) from exc
+        words = pid_file.read_text().split()
+        if not words or not words[0].isdigit():
+            raise BrokerError(f"{what}: it holds no pid")
+        pid = int(words[0])
+        os.kill(pid, number)
+    except OSError as exc:
+        raise BrokerError(f"{what}: {exc.strerror or exc}") from exc
     return pid
 
 

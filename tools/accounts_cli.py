@@ -1,9 +1,11 @@
 """``irm-tool accounts``: the broker's accounts of routers, tenants and services.
 
-Each command changes the password file the broker reads and then sends
-the broker SIGHUP (to the pid in ``--pid-file``) so that the change holds
-at once: a new account can connect, a revoked one cannot reconnect. A new
-password is shown once, here; only its hash is stored.
+Each command changes a password file the broker reads and then sends the
+broker SIGHUP (to the pid in ``--pid-file``) so that the change holds at
+once: a new account can connect, a revoked one cannot reconnect. Routers'
+and consumers' accounts are in ``--password-file``, the service accounts in
+``--service-password-file`` (mosquitto.conf gives each listener its own). A
+new password is shown once, here; only its hash is stored.
 """
 
 from __future__ import annotations
@@ -22,18 +24,32 @@ from tools import accounts, tls
 @dataclass(frozen=True, slots=True)
 class Files:
     given_password_file: Path | None
+    given_service_file: Path | None
     pid_file: Path | None
     as_json: bool
 
+    # Checked here, not by click, so that every command's --help works.
     @property
     def password_file(self) -> Path:
-        # Checked here, not by click, so that every command's --help works.
         if self.given_password_file is None:
             raise click.UsageError(
-                "give --password-file (or IRM_BROKER_PASSWORD_FILE): the broker's "
-                "password_file"
+                "give --password-file (or IRM_BROKER_PASSWORD_FILE): the "
+                "password_file of the routers' listener"
             )
         return self.given_password_file
+
+    @property
+    def service_file(self) -> Path:
+        if self.given_service_file is None:
+            raise click.UsageError(
+                "give --service-password-file (or IRM_BROKER_SERVICE_PASSWORD_FILE):"
+                " the password_file of the service listener"
+            )
+        return self.given_service_file
+
+    def holding(self, service: str | None) -> Path:
+        """The file that holds these accounts: a service account's, or not."""
+        return self.service_file if service is not None else self.password_file
 
 
 pass_files = click.make_pass_decorator(Files)
@@ -43,7 +59,14 @@ pass_files = click.make_pass_decorator(Files)
 @click.option(
     "--password-file", envvar="IRM_BROKER_PASSWORD_FILE",
     type=click.Path(dir_okay=False, path_type=Path), show_envvar=True,
-    help="The broker's password_file (mosquitto.conf).",
+    help="Routers' and tenants' consumers' accounts: the password_file of the "
+    "routers' listener (mosquitto.conf).",
+)  # fmt: skip
+@click.option(
+    "--service-password-file", envvar="IRM_BROKER_SERVICE_PASSWORD_FILE",
+    type=click.Path(dir_okay=False, path_type=Path), show_envvar=True,
+    help="The gateway's and operators' accounts: the password_file of the "
+    "service listener.",
 )  # fmt: skip
 @click.option(
     "--pid-file", envvar="IRM_BROKER_PID_FILE", show_envvar=True,
@@ -53,21 +76,24 @@ pass_files = click.make_pass_decorator(Files)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def accounts_group(
-    ctx: click.Context, password_file: Path | None, pid_file: Path | None,
-    as_json: bool,
+    ctx: click.Context, password_file: Path | None,
+    service_password_file: Path | None, pid_file: Path | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Broker accounts: routers, tenants' consumers, the gateway, operators.
 
     A router is {tenant}/{router}; a tenant's consumers are {tenant}; the
-    gateway is _gateway and operators are _admin (docs/security.md).
+    gateway is _gateway and operators are _admin, who alone may log in on
+    the service listener (docs/security.md).
     """
-    ctx.obj = Files(password_file, pid_file, as_json)
+    ctx.obj = Files(password_file, service_password_file, pid_file, as_json)
 
 
 def _names(
     tenant: str | None, routers: tuple[str, ...], service: str | None
 ) -> list[str]:
     if service is not None:
+        if tenant is not None or routers:
+            raise click.UsageError("give --service or --tenant, not both")
         return [service]
     if tenant is None:
         raise click.UsageError(
@@ -83,7 +109,8 @@ def _who(command: Callable[..., None]) -> Callable[..., None]:
     command = click.argument("routers", nargs=-1)(command)
     command = click.option(
         "--service", type=click.Choice(accounts.SERVICE_ACCOUNTS),
-        help="A service account instead of a tenant's.",
+        help="A service account (in --service-password-file) instead of a "
+        "tenant's.",
     )(command)  # fmt: skip
     return click.option("--tenant", help="The tenant; alone: its consumers.")(command)
 
@@ -95,7 +122,8 @@ def add(
     files: Files, tenant: str | None, routers: tuple[str, ...], service: str | None
 ) -> None:
     """Make accounts (refused if one exists: rotate it instead)."""
-    _set(files, _names(tenant, routers, service), must_exist=False)
+    names = _names(tenant, routers, service)
+    _set(files, files.holding(service), names, must_exist=False)
 
 
 @accounts_group.command("rotate")
@@ -105,7 +133,8 @@ def rotate(
     files: Files, tenant: str | None, routers: tuple[str, ...], service: str | None
 ) -> None:
     """Give accounts new passwords; the old ones stop working."""
-    _set(files, _names(tenant, routers, service), must_exist=True)
+    names = _names(tenant, routers, service)
+    _set(files, files.holding(service), names, must_exist=True)
 
 
 @accounts_group.command("revoke")
@@ -116,46 +145,74 @@ def revoke(
 ) -> None:
     """Remove accounts: they can no longer connect."""
     names = _names(tenant, routers, service)
-    passwords = accounts.PasswordFile(files.password_file)
+    passwords = accounts.PasswordFile(files.holding(service))
     missing = passwords.remove(names)
     if missing:
         raise BadInput(f"no such account: {', '.join(missing)}; nothing revoked")
+    _can_reload(files)
     passwords.save()
-    _reload(files)
     _show(files, dict.fromkeys(names), "revoked")
+    _reload(files, f"the accounts above were revoked in {passwords.path}")
 
 
 @accounts_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_files
-def list_accounts(files: Files) -> None:
-    """The accounts in the password file (names only)."""
-    names = sorted(accounts.PasswordFile(files.password_file).entries)
-    if files.as_json:
+def list_accounts(files: Files, as_json: bool) -> None:
+    """The accounts in the password files given (names only)."""
+    given = [f for f in (files.given_password_file, files.given_service_file) if f]
+    if not given:
+        raise click.UsageError(
+            "give --password-file or --service-password-file (or both)"
+        )
+    missing = [str(path) for path in given if not path.exists()]
+    if missing:
+        raise BadInput(f"no such password file: {', '.join(missing)}")
+    names = sorted(n for path in given for n in accounts.PasswordFile(path).entries)
+    if as_json or files.as_json:
         click.echo(json.dumps({"accounts": names}, indent=2))
     else:
         click.echo("\n".join(names))
 
 
-def _set(files: Files, names: list[str], *, must_exist: bool) -> None:
-    passwords = accounts.PasswordFile(files.password_file)
+def _set(files: Files, path: Path, names: list[str], *, must_exist: bool) -> None:
+    passwords = accounts.PasswordFile(path)
     wrong = [n for n in names if (n in passwords.entries) != must_exist]
     if wrong:
         rule = "has none: add it" if must_exist else "exists: rotate it"
         raise BadInput(f"account {', '.join(wrong)} {rule}; nothing changed")
+    _can_reload(files)
     made = {name: accounts.new_password() for name in names}
     passwords.set_many(made)
     passwords.save()
-    _reload(files)
-    _show(files, dict(made), "rotated" if must_exist else "added")
+    # Shown before the reload: a password made and not shown would be lost.
+    what = "rotated" if must_exist else "added"
+    _show(files, dict(made), what)
+    _reload(files, f"the accounts above were {what} in {path}")
 
 
-def _reload(files: Files) -> None:
+def _can_reload(files: Files) -> None:
+    """Refuse a change the broker could not be told of, before making it."""
+    if files.pid_file is not None:
+        try:
+            accounts.broker_pid(files.pid_file)
+        except accounts.BrokerError as exc:
+            raise accounts.BrokerError(f"{exc}; nothing changed") from exc
+
+
+def _reload(files: Files, done: str) -> None:
+    """Tell the broker, once the change (``done``) is written and shown."""
     if files.pid_file is None:
         click.echo(
             "irm-tool: no --pid-file: reload the broker yourself (SIGHUP)", err=True
         )
         return
-    accounts.reload_broker(files.pid_file)
+    try:
+        accounts.reload_broker(files.pid_file)
+    except accounts.BrokerError as exc:
+        raise accounts.BrokerError(
+            f"{exc}; {done}: reload the broker (SIGHUP) for the change to hold"
+        ) from exc
 
 
 def _show(files: Files, changed: dict[str, str | None], what: str) -> None:
@@ -202,13 +259,19 @@ class Certs:
 @click.pass_obj
 def cert_init(certs: Certs, server_name: str) -> None:
     """Make the routers' CA and the broker's server certificate (once)."""
-    ca_dir = certs.ca_dir
-    if (ca_dir / "ca.pem").exists():
-        raise BadInput(
-            f"{ca_dir / 'ca.pem'} exists: a new CA would orphan every router"
-        )
-    ca = tls.make_ca(ca_dir)
-    server = tls.issue(ca, ca_dir, "server", server_name, server=True)
+    name, ca_dir = tls.server_name(server_name), certs.ca_dir
+    made = [ca_dir / f for f in ("ca.pem", "ca-key.pem", "crl.pem")]
+    made += [ca_dir / f for f in ("server.pem", "server-key.pem")]
+    if made[0].exists():
+        raise BadInput(f"{made[0]} exists: a new CA would orphan every router")
+    before = {path for path in made if path.exists()}
+    try:
+        ca = tls.make_ca(ca_dir)
+        server = tls.issue(ca, ca_dir, "server", name, server=True)
+    except BadInput:
+        for path in set(made) - before:
+            path.unlink(missing_ok=True)
+        raise
     click.echo(
         f"CA {ca.cert} (keep {ca.key} off the broker host), server {server.cert}"
     )
@@ -226,6 +289,10 @@ def cert_issue(certs: Certs, tenant: str, out: Path, routers: tuple[str, ...]) -
     """Issue certificates whose Common Name is {tenant}/{router}."""
     ca_dir = certs.ca_dir
     for router in routers:
+        accounts.router_account(tenant, router)
+    tls.check_ca(ca_dir)
+    tls.make_directory(out)
+    for router in routers:
         issued = tls.issue_router(ca_dir, out, tenant, router)
         click.echo(f"issued {tenant}/{router}: {issued.cert} {issued.key}")
 
@@ -238,10 +305,16 @@ def cert_revoke(certs: Certs, tenant: str, routers: tuple[str, ...]) -> None:
     """Revoke every certificate of these routers, and reload the broker."""
     files, ca_dir = certs.files, certs.ca_dir
     names = [accounts.router_account(tenant, router) for router in routers]
-    counts = {name: tls.revoke(ca_dir, name) for name in names}
-    unknown = [name for name, count in counts.items() if not count]
-    _reload(files)
-    for name, count in counts.items():
-        click.echo(f"revoked {count} certificate(s) of {name}")
+    tls.check_ca(ca_dir)
+    serials = {name: tls.issued_to(ca_dir, name) for name in names}
+    unknown = [name for name, found in serials.items() if not found]
     if unknown:
-        raise BadInput(f"no certificate was issued to {', '.join(unknown)}")
+        raise BadInput(
+            f"no certificate was issued to {', '.join(unknown)} by the CA in "
+            f"{ca_dir}; nothing revoked"
+        )
+    _can_reload(files)
+    tls.revoke_serials(ca_dir, [s for found in serials.values() for s in found])
+    for name, found in serials.items():
+        click.echo(f"revoked {len(found)} certificate(s) of {name}")
+    _reload(files, f"the certificates above were revoked in {ca_dir / 'crl.pem'}")

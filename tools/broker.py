@@ -1,10 +1,11 @@
 """Start Mosquitto from the repository's ``mosquitto.conf`` for tests and demos.
 
 Only what must differ per run is replaced: the listeners' ports (on
-loopback), the paths of the password file, pid file, TLS files and
-persistence directory, and the user Mosquitto runs as (it drops to user
-``mosquitto`` when started as root, which could not write a run's
-directory). Everything else, the access rules included, is what ships.
+loopback), the paths of the password files, pid file, TLS files and
+persistence directory (each keeps its name, in the run's directory), and
+the user Mosquitto runs as (it drops to user ``mosquitto`` when started as
+root, which could not write a run's directory). Everything else, the
+access rules included, is what ships.
 
 The harness is where a run's credentials come from: at start it makes the
 gateway's and an operator's accounts, a routers' CA and the server's
@@ -58,20 +59,34 @@ def render(ports: tuple[int, ...], data_dir: Path, source: Path = REPO_CONFIG) -
         raise ValueError(f"{source} has {len(found)} listeners, not {len(ports)}")
     for line, port in zip(found, ports, strict=True):
         text = text.replace(line, f"listener {port} 127.0.0.1", 1)
-    files = {
-        "persistence_location": f"{data_dir}/",
-        "password_file": str(data_dir / "passwd"),
-        "acl_file": str(REPO_ACL),
-        "pid_file": str(data_dir / "mosquitto.pid"),
-        "cafile": str(data_dir / "tls" / "ca.pem"),
-        "certfile": str(data_dir / "tls" / "server.pem"),
-        "keyfile": str(data_dir / "tls" / "server-key.pem"),
-        "crlfile": str(data_dir / "tls" / "crl.pem"),
-    }
-    for key, value in files.items():
-        text = re.sub(rf"^{key}\s+.*$", f"{key} {value}", text, flags=re.M)
+    for key in FILES:
+        text = re.sub(
+            rf"^({key})\s+(.*)$",
+            lambda found: f"{found[1]} {_run_path(found[1], found[2], data_dir)}",
+            text,
+            flags=re.M,
+        )
     text += f"\nuser {getpass.getuser()}\n"
     return text
+
+
+FILES = (
+    "persistence_location", "password_file", "acl_file", "pid_file",
+    "cafile", "certfile", "keyfile", "crlfile",
+)  # fmt: skip
+"""The directives that name files; each keeps its file's name in the run."""
+
+
+def _run_path(key: str, shipped: str, data_dir: Path) -> str:
+    """Where a run keeps the file the shipped configuration names."""
+    name = Path(shipped).name
+    if key == "acl_file":
+        return str(REPO_ACL)
+    if key == "persistence_location":
+        return f"{data_dir}/"
+    if key in ("cafile", "certfile", "keyfile", "crlfile"):
+        return str(data_dir / "tls" / name)
+    return str(data_dir / name)
 
 
 def mosquitto_binary() -> str:
@@ -95,10 +110,12 @@ def _raise_open_files() -> None:
 class Broker:
     """A Mosquitto process on loopback, restartable with the same state.
 
-    ``port`` is the service listener (gateway, operators, consumers),
-    ``router_port`` the routers' password listener, ``tls_port`` the
-    routers' TLS listener. ``gateway`` and ``admin`` are the service
-    accounts' (user, password), made at the first start.
+    ``port`` is the service listener (the gateway and operators: the
+    service accounts of ``service_password_file``), ``router_port`` the
+    password listener of routers and tenants' consumers (the accounts of
+    ``password_file``), ``tls_port`` the routers' TLS listener. ``gateway``
+    and ``admin`` are the service accounts' (user, password), made at the
+    first start.
     """
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
@@ -113,6 +130,7 @@ class Broker:
         self.log = data_dir / "mosquitto.log"
         self.pid_file = data_dir / "mosquitto.pid"
         self.password_file = data_dir / "passwd"
+        self.service_password_file = data_dir / "service.passwd"
         self.tls_dir = data_dir / "tls"
         self.gateway = (accounts.GATEWAY, accounts.new_password())
         self.admin = (accounts.ADMIN, accounts.new_password())
@@ -167,11 +185,13 @@ class Broker:
         raise TimeoutError(f"mosquitto did not listen on {self.port} in {timeout}s")
 
     def _first_files(self) -> None:
-        """The service accounts, the routers' CA and the server's certificate."""
-        if not self.password_file.exists():
-            passwords = accounts.PasswordFile(self.password_file)
-            passwords.set_many(self.passwords)
-            passwords.save()
+        """The service accounts, an empty password file for routers and
+        consumers, the routers' CA and the server's certificate."""
+        if not self.service_password_file.exists():
+            service = accounts.PasswordFile(self.service_password_file)
+            service.set_many(self.passwords)
+            service.save()
+            accounts.PasswordFile(self.password_file).save()
         if not (self.tls_dir / "ca.pem").exists():
             ca = tls.make_ca(self.tls_dir)
             tls.issue(ca, self.tls_dir, "server", "localhost", server=True)
@@ -182,8 +202,9 @@ class Broker:
         return self.account(accounts.router_account(tenant, router))
 
     def account(self, user: str) -> str:
-        """Any account's password (a tenant's consumers: the tenant id), made
-        on first use and known to the broker after :meth:`flush`."""
+        """A router's or a tenant's consumers' password (their account: the
+        tenant id), made on first use and known to the broker after
+        :meth:`flush`; they log in on ``router_port``."""
         if user not in self.passwords:
             self.passwords[user] = accounts.new_password()
             self._pending.append(user)
@@ -202,7 +223,7 @@ class Broker:
         made = {user: self.passwords[user] for user in self._pending}
         self._pending.clear()
         accounts.provision(
-            self.password_file, self.pid_file, made, ("127.0.0.1", self.port)
+            self.password_file, self.pid_file, made, ("127.0.0.1", self.router_port)
         )
 
     def write_env(self, path: Path) -> None:
@@ -212,6 +233,7 @@ class Broker:
             "IRM_ROUTER_PORT": self.router_port,
             "IRM_TLS_PORT": self.tls_port,
             "IRM_BROKER_PASSWORD_FILE": self.password_file,
+            "IRM_BROKER_SERVICE_PASSWORD_FILE": self.service_password_file,
             "IRM_BROKER_PID_FILE": self.pid_file,
             "IRM_BROKER_USERNAME": self.gateway[0],
             "IRM_BROKER_PASSWORD": self.gateway[1],
@@ -257,7 +279,7 @@ def main() -> None:
 
     SIGTERM and SIGINT stop Mosquitto too, so a script's cleanup leaves no
     broker behind. The run's files are in DIR: ``broker.env`` holds the
-    listeners' ports, the password and pid files, and the gateway's and
+    listeners' ports, the password files and the pid file, and the gateway's and
     operator's accounts, for a demo script to source (readable by its owner
     only; a demo's throwaway accounts).
     """

@@ -9,19 +9,28 @@ theirs in a temporary directory); no private key ships with the product.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from policy.errors import BadInput
 from tools import accounts
 
+T = TypeVar("T")
 VALID = timedelta(days=365)
+HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,27 +45,68 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _write(path: Path, data: bytes, *, secret: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    if secret:
-        path.chmod(0o600)
+def server_name(name: str) -> str:
+    """``name`` if it is a host name routers can connect to, else BadInput."""
+    labels = name.split(".")
+    if len(name) > 253 or not all(HOST_LABEL.match(label) for label in labels):
+        raise BadInput(
+            f"server name {name!r}: must be a DNS name, dot-separated labels of "
+            "1 to 63 of A-Z a-z 0-9 -, not beginning or ending with -"
+        )
+    return name
+
+
+def make_directory(path: Path) -> Path:
+    """``path`` as a directory, made if need be, or BadInput naming it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot make the directory {path}: {exc.strerror}") from exc
     return path
 
 
-def _save(directory: Path, name: str, cert: x509.Certificate, key: object) -> Issued:
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
+def _write_all(files: list[tuple[Path, bytes, bool]]) -> None:
+    """Write every file, or none: what was written is removed on a failure.
+
+    The third item says the file is secret (a key: owner only).
+    """
+    written: list[Path] = []
+    try:
+        for path, data, secret in files:
+            make_directory(path.parent)
+            path.write_bytes(data)
+            written.append(path)
+            if secret:
+                path.chmod(0o600)
+    except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise BadInput(f"cannot write {exc.filename}: {exc.strerror}") from exc
+
+
+def _pem(
+    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[bytes, bytes]:
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    return Issued(
-        _write(
-            directory / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM)
-        ),
-        _write(directory / f"{name}-key.pem", key_pem, secret=True),
-    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _save(
+    directory: Path, name: str, cert: x509.Certificate, key: object,
+    also: tuple[Path, ...] = (),
+) -> Issued:  # fmt: skip
+    """Save a certificate and its key as ``name``; ``also``: more copies of
+    the certificate."""
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert_pem, key_pem = _pem(cert, key)
+    issued = Issued(directory / f"{name}.pem", directory / f"{name}-key.pem")
+    files = [(issued.cert, cert_pem, False), (issued.key, key_pem, True)]
+    _write_all(files + [(path, cert_pem, False) for path in also])
+    return issued
 
 
 def _builder(
@@ -94,31 +144,45 @@ def ca_in(directory: Path) -> Issued:
     return Issued(directory / "ca.pem", directory / "ca-key.pem")
 
 
+def check_ca(directory: Path) -> None:
+    """BadInput naming the file, unless ``directory`` holds a usable CA."""
+    _load(ca_in(directory))
+    _read(directory / "crl.pem", "revocation list", x509.load_pem_x509_crl)
+
+
 def issue_router(ca_dir: Path, out_dir: Path, tenant: str, router: str) -> Issued:
     """A router's certificate and key in ``out_dir``; the CA keeps a copy of
     the certificate, so that it can be revoked by the router's name."""
     name = accounts.router_account(tenant, router)
-    issued = issue(ca_in(ca_dir), out_dir, f"{tenant}-{router}", name)
-    cert = x509.load_pem_x509_certificate(issued.cert.read_bytes())
-    _write(ca_dir / "issued" / f"{cert.serial_number:x}.pem", issued.cert.read_bytes())
-    return issued
+    ca_cert, ca_key = _load(ca_in(ca_dir))
+    cert, key = _sign(ca_cert, ca_key, name, server=False)
+    kept = ca_dir / "issued" / f"{cert.serial_number:x}.pem"
+    return _save(out_dir, f"{tenant}-{router}", cert, key, also=(kept,))
+
+
+def issued_to(ca_dir: Path, common_name: str) -> list[int]:
+    """The serial numbers of every certificate issued to ``common_name``."""
+    return [
+        cert.serial_number
+        for path in sorted((ca_dir / "issued").glob("*.pem"))
+        if _common_name(cert := _read(path, "certificate", _certificate)) == common_name
+    ]
 
 
 def revoke(ca_dir: Path, common_name: str) -> int:
     """Add every certificate issued to ``common_name`` to the CA's
     revocation list; returns how many there were."""
+    serials = issued_to(ca_dir, common_name)
+    revoke_serials(ca_dir, serials)
+    return len(serials)
+
+
+def revoke_serials(ca_dir: Path, serials: list[int]) -> None:
+    """Add these serial numbers to the CA's revocation list (``crl.pem``)."""
     crl_path = ca_dir / "crl.pem"
-    serials = {
-        entry.serial_number for entry in x509.load_pem_x509_crl(crl_path.read_bytes())
-    }
-    named = [
-        cert.serial_number
-        for path in sorted((ca_dir / "issued").glob("*.pem"))
-        if _common_name(cert := x509.load_pem_x509_certificate(path.read_bytes()))
-        == common_name
-    ]
-    _write_crl(ca_in(ca_dir), crl_path, sorted(serials | set(named)))
-    return len(named)
+    crl = _read(crl_path, "revocation list", x509.load_pem_x509_crl)
+    listed = {entry.serial_number for entry in crl}
+    _write_crl(ca_in(ca_dir), crl_path, sorted(listed | set(serials)))
 
 
 def _common_name(cert: x509.Certificate) -> str:
@@ -143,21 +207,56 @@ def _write_crl(ca: Issued, path: Path, serials: list[int]) -> None:
             .build()
         )
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write(path, crl.public_bytes(serialization.Encoding.PEM))
+    # A new file renamed over the old: the broker never reads half a list.
+    # It keeps the old one's owner, group and mode: the broker reads it
+    # through its group (docs/operating.md).
+    spare = path.with_name(f".{path.name}.new")
+    _write_all([(spare, crl.public_bytes(serialization.Encoding.PEM), False)])
+    with contextlib.suppress(FileNotFoundError):
+        old = path.stat()
+        if os.geteuid() == 0:
+            os.chown(spare, old.st_uid, old.st_gid)
+        spare.chmod(stat.S_IMODE(old.st_mode))
+    spare.replace(path)
+
+
+def _read(path: Path, what: str, load: Callable[[bytes], T]) -> T:
+    """A PEM file, or BadInput naming it and what is wrong with it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise BadInput(
+            f"{path}: no such file (the routers' CA directory is made by "
+            "irm-tool accounts cert init)"
+        ) from exc
+    except OSError as exc:
+        raise BadInput(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return load(data)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"{path}: not a PEM {what}") from exc
+
+
+def _certificate(data: bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(data)
+
+
+def _private_key(data: bytes) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(data, None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError("not an EC key, as irm-tool makes them")
+    return key
 
 
 def _load(ca: Issued) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
-    key = serialization.load_pem_private_key(ca.key.read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return cert, key
+    cert = _read(ca.cert, "certificate", _certificate)
+    return cert, _read(ca.key, "private key", _private_key)
 
 
-def issue(
-    ca: Issued, directory: Path, name: str, common_name: str, *, server: bool = False
-) -> Issued:
-    """A certificate for ``common_name`` signed by ``ca``, saved as ``name``."""
-    ca_cert, ca_key = _load(ca)
+def _sign(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str, *, server: bool,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:  # fmt: skip
     key = _key()
     usage = (
         ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -170,4 +269,13 @@ def issue(
         builder = builder.add_extension(
             x509.SubjectAlternativeName(names), critical=False
         )
-    return _save(directory, name, builder.sign(ca_key, hashes.SHA256()), key)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def issue(
+    ca: Issued, directory: Path, name: str, common_name: str, *, server: bool = False
+) -> Issued:
+    """A certificate for ``common_name`` signed by ``ca``, saved as ``name``."""
+    ca_cert, ca_key = _load(ca)
+    cert, key = _sign(ca_cert, ca_key, common_name, server=server)
+    return _save(directory, name, cert, key)
