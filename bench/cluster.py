@@ -17,42 +17,18 @@ import shutil
 import sys
 import tempfile
 import uuid
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench.mqtt import BIN, Service, load, machine, rss_kib
+from bench.mqtt import BIN, Service, load, machine, rss_kib, seed
 from tools.broker import Broker
 
 SERVER = os.environ.get(
     "IRM_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 GATEWAYS = (1, 2, 3)
-
-
-async def seed(url: str, tenants: list[str], seats_each: int) -> None:
-    """Tenants with ``seats_each`` seats of Cloud Basic 25 (rounded up)."""
-    from policy.licenses import Kind, State  # noqa: PLC0415 - bench-only
-    from policy.postgres_store import PostgresStore  # noqa: PLC0415
-    from tests.seeding import mint  # noqa: PLC0415
-
-    now = datetime.now(UTC)
-    store = await PostgresStore.open(url)
-    for tenant in tenants:
-        await store.add_tenant(tenant, "UTC", now)
-        items = [
-            mint(Kind.BASIC_25, now - timedelta(days=1))
-            for _ in range(-(-seats_each // 25))
-        ]
-        items = [(replace(lic, tenant=tenant), code) for lic, code in items]
-        await store.add_licenses(tenant, items, now, "bench")
-        active = [replace(lic, activation_at=now) for lic, _ in items]
-        states = {lic.id: State.ACTIVE for lic in active}
-        await store.save_activations(tenant, active, states, now, "bench")
-    await store.close()
 
 
 class Database:

@@ -60,14 +60,15 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def seed(database: Path, tenants: list[str], seats_each: int) -> None:
-    """Tenants with ``seats_each`` seats of Cloud Basic 25 (rounded up)."""
+async def seed(store_at: Path | str, tenants: list[str], seats_each: int) -> None:
+    """Tenants with ``seats_each`` seats of Cloud Basic 25 (rounded up), in
+    an SQLite file or a PostgreSQL database."""
     from policy.licenses import Kind, State  # noqa: PLC0415 - bench-only
-    from policy.sqlite_store import SqliteStore  # noqa: PLC0415
+    from policy.stores import open_store  # noqa: PLC0415
     from tests.seeding import mint  # noqa: PLC0415
 
     now = datetime.now(UTC)
-    store = await SqliteStore.open(database)
+    store = await open_store(store_at)
     for tenant in tenants:
         await store.add_tenant(tenant, "UTC", now)
         items = [

@@ -138,6 +138,22 @@ class Settings:
         )
         return keys.load_public_key(keys.DEMO_PUBLIC_KEY_PATH)
 
+    def run(self, work: Callable[[Store], Awaitable[T]], *, create: bool = False) -> T:
+        """Open the store, do ``work`` and close the store, in one event loop.
+
+        Only adding a tenant creates a missing database: any other command on
+        a mistyped path says so instead of answering from an empty one.
+        """
+
+        async def session() -> T:
+            store = await open_store(self.store or self.database, create=create)
+            try:
+                return await work(store)
+            finally:
+                await store.close()
+
+        return asyncio.run(session())
+
 
 pass_settings = click.make_pass_decorator(Settings)
 
@@ -148,25 +164,6 @@ def _warn_demo(path: Path, instead: str) -> None:
         f"accepts; give {instead} for real codes",
         err=True,
     )
-
-
-def _run(
-    settings: Settings, work: Callable[[Store], Awaitable[T]], *, create: bool = False
-) -> T:
-    """Open the store, do ``work`` and close the store, in one event loop.
-
-    Only adding a tenant creates a missing database: any other command on a
-    mistyped path says so instead of answering from an empty one.
-    """
-
-    async def session() -> T:
-        store = await open_store(settings.store or settings.database, create=create)
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(session())
 
 
 async def _tenant(store: Store, name: str) -> Tenant:
@@ -473,7 +470,7 @@ def tenant_add(settings: Settings, tenant: str, tz: str) -> None:
         await store.add_tenant(tenant, tz, settings.now)
         return existed
 
-    existed = _run(settings, work, create=True)
+    existed = settings.run(work, create=True)
     said = "exists already" if existed else "added"
     click.echo(f"tenant {tenant} {said} (time zone {tz})")
 
@@ -491,7 +488,7 @@ def tenant_list(settings: Settings, as_json: bool) -> None:
             found.append(_tenant_json(tenant, now))
         return found
 
-    tenants = _run(settings, work)
+    tenants = settings.run(work)
     if as_json:
         _echo_json({"tenants": tenants})
         return
@@ -524,7 +521,7 @@ def tenant_show(settings: Settings, tenant: str, as_json: bool) -> None:
     (--json adds each month start), licenses by state with their dates,
     routers online, waiting and offline, and the next license change.
     """
-    facts = _run(settings, lambda store: _facts(store, tenant, routers=True))
+    facts = settings.run(lambda store: _facts(store, tenant, routers=True))
     overview = _overview(facts, settings.now)
     if as_json:
         _echo_json(overview)
@@ -729,8 +726,7 @@ def import_command(
     else:
         ids, planner = _csv_planner(csv_path, key, tenant, settings.now)
 
-    plan = _run(
-        settings,
+    plan = settings.run(
         lambda store: _import(store, tenant, ids, planner, settings.now, dry_run),
     )
     report = _import_json(plan, tenant, dry_run)
@@ -883,8 +879,7 @@ def activate_command(
         raise click.UsageError(
             "name the LICENSE_IDs to activate or give --all-available"
         )
-    done = _run(
-        settings,
+    done = settings.run(
         lambda store: _activate(
             store, tenant, license_ids, all_available, at_text, settings.now
         ),
@@ -1012,7 +1007,7 @@ def licenses_command(
     settings: Settings, tenant: str, state: str | None, as_json: bool
 ) -> None:
     """List a tenant's licenses with their state now and their dates."""
-    facts = _run(settings, lambda store: _facts(store, tenant))
+    facts = settings.run(lambda store: _facts(store, tenant))
     paid_from = paid_since(facts.licenses)
     entries = [_license_json(lic, settings.now, paid_from) for lic in facts.licenses]
     entries = [e for e in entries if state is None or e["state"] == state]
@@ -1046,7 +1041,7 @@ def routers_group(ctx: click.Context, tenant: str | None, as_json: bool) -> None
         raise click.UsageError("give --tenant to list its routers", ctx)
     settings = ctx.find_object(Settings)
     assert settings is not None, "the root group sets it"
-    facts = _run(settings, lambda store: _facts(store, tenant, routers=True))
+    facts = settings.run(lambda store: _facts(store, tenant, routers=True))
     rows = _routers_json(facts.routers)
     if as_json:
         _echo_json({"tenant": tenant, "routers": rows})
@@ -1112,7 +1107,7 @@ def routers_register(
         await _tenant(store, name)
         return await store.register_routers(name, routers, settings.now, actor=ADMIN)
 
-    new = _run(settings, work)
+    new = settings.run(work)
     known = [r for r in dict.fromkeys(routers) if r not in new]
     click.echo(
         f"tenant {name}: registered {len(new)} router(s): {' '.join(new) or '-'}"
@@ -1152,7 +1147,7 @@ def audit_command(
         found = await _tenant(store, tenant)
         return found, await store.audit(tenant, subject, subject_id, limit)
 
-    found, entries = _run(settings, work)
+    found, entries = settings.run(work)
     rows = [_entry_json(entry) for entry in entries]
     if as_json:
         _echo_json({"tenant": tenant, "entries": rows})

@@ -11,11 +11,10 @@ context object and turns the project's errors into ``irm-tool: <message>``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,7 +28,6 @@ from gateway.mail import SENDER_PATTERN, SENDER_RULE, Pass, Reminders, Smtp
 from policy.errors import BadInput, IrmError
 from policy.reminders import due, unrecorded
 from policy.store import ReminderMail, Store, Tenant
-from policy.stores import open_store
 from policy.timeutil import from_text, to_text, zone
 
 if TYPE_CHECKING:
@@ -39,17 +37,6 @@ T = TypeVar("T")
 ADMIN = "admin"
 _SHOWN = "%Y-%m-%d %H:%M"
 PIPE_WIDTH = 200
-
-
-def _run(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
-    async def session() -> T:
-        store = await open_store(settings.store or settings.database, create=False)
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(session())
 
 
 async def _tenant(store: Store, name: str) -> Tenant:
@@ -124,7 +111,7 @@ def contacts_add(settings: Settings, addresses: tuple[str, ...], tenant: str) ->
         unique = list({a.casefold(): a for a in reversed(fresh)}.values())[::-1]
         return await store.add_contacts(tenant, unique, settings.now, ADMIN)
 
-    added = _run(settings, work)
+    added = settings.run(work)
     for address in wanted:
         said = "added" if address in added else "already a contact"
         click.echo(f"{address}: {said}")
@@ -150,7 +137,7 @@ def contacts_remove(
             )
         return await store.remove_contacts(tenant, wanted, settings.now, ADMIN)
 
-    for address in _run(settings, work):
+    for address in settings.run(work):
         click.echo(f"{address}: removed")
 
 
@@ -165,7 +152,7 @@ def contacts_list(settings: Settings, tenant: str, as_json: bool) -> None:
         await _tenant(store, tenant)
         return await store.contacts(tenant)
 
-    found = _run(settings, work)
+    found = settings.run(work)
     if as_json:
         _echo_json({"tenant": tenant, "contacts": found})
         return
@@ -191,7 +178,7 @@ def reminders_group(ctx: click.Context, tenant: str | None, as_json: bool) -> No
     if ctx.invoked_subcommand is not None:
         return
     settings: Settings = ctx.obj
-    view = _run(settings, lambda store: _overview(store, tenant, settings.now))
+    view = settings.run(lambda store: _overview(store, tenant, settings.now))
     if as_json:
         _echo_json({"now": to_text(settings.now), "tenants": view})
     else:
@@ -336,7 +323,7 @@ def reminders_send(
             settings.now, tenant, force=True
         )
 
-    done = _run(settings, work)
+    done = settings.run(work)
     for mail in done.sent:
         click.echo(f"sent {_steps(mail)} of tenant {mail.tenant} to "
                    f"{', '.join(mail.recipients)}")  # fmt: skip
