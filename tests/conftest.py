@@ -190,6 +190,21 @@ class GatewayProcess:
                 continue
         return lines
 
+    async def until_logged(
+        self, event: str, count: int = 1, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """The lines logging ``event``, once there are ``count`` of them.
+
+        The log is a file the gateway writes after it acts (a mail is
+        accepted before "reminder sent" is written), so it is polled.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                found = [e for e in self.log_lines() if e.get("event") == event]
+                if len(found) >= count:
+                    return found
+                await asyncio.sleep(0.05)  # a file: nothing to await
+
 
 async def wait_gateway_online(
     broker: Broker,

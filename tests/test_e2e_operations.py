@@ -137,7 +137,7 @@ async def test_the_capacity_alarm_is_a_metric_and_a_warning_once_seats_run_out(
             if value(page, "irm_tenant_capacity_alarm", tenant="T8") == 1:
                 break
             await asyncio.sleep(0.1)
-    raised = [e for e in gateway.log_lines() if e["event"] == "capacity alarm raised"]
+    raised = await gateway.until_logged("capacity alarm raised")
     assert len(raised) == 1
     assert raised[0]["level"] == "warning"
     assert (raised[0]["tenant"], raised[0]["capacity"]) == ("T8", 8)

@@ -87,7 +87,7 @@ async def test_the_gateway_sends_a_due_reminder_once_across_a_restart(
 
     assert per_tenant(mail) == {"acme": 1, "later": 1}
     assert PASSWORD not in gateway.log.read_text()
-    sent = [e for e in gateway.log_lines() if e.get("event") == "reminder sent"]
+    sent = await gateway.until_logged("reminder sent", 2)
     assert [e["tenant"] for e in sent] == ["acme", "later"]
 
 
