@@ -83,6 +83,53 @@ class _Window(PersistentStorage):  # type: ignore[misc]
         return self._free
 
 
+class _Corked:
+    """A transport whose writes of one turn of the event loop go out as one.
+
+    gmqtt writes every packet the moment it is built, and each write is a
+    send() system call: a reply, a presence and a PUBACK per hello. Held
+    until the loop's next turn, a whole batch's packets leave in one or two
+    writes, in the order they were made. Everything but writing and closing
+    is the transport's own.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending and not self._transport.is_closing():
+            self._transport.write(b"".join(self._pending))
+        self._pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _cork(client: gmqtt.Client) -> None:
+    """Put :class:`_Corked` under a new connection's packet writers.
+
+    gmqtt gives no hook for its transport, so this reaches into the
+    connection it made: the connection and its protocol each hold the
+    transport they write to.
+    """
+    connection = client._connection
+    transport = connection._transport
+    if not isinstance(transport, _Corked):
+        corked = _Corked(transport)
+        connection._transport = corked
+        connection._protocol._transport = corked
+
+
 class _Client(gmqtt.Client):  # type: ignore[misc]
     """gmqtt's client with our backoff on every reconnect path."""
 
@@ -264,6 +311,7 @@ class Mqtt:
     ) -> None:
         self._client.attempts = 0
         self.connects += 1
+        _cork(self._client)
         # The broker's Receive Maximum (CONNACK) bounds our unacknowledged
         # QoS 1 publishes; gmqtt raises OverflowError one below it. The
         # ``properties`` handed to us merge our own CONNECT properties over
