@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.mqtt import Inbound, Mqtt
+from gateway.mqtt import Inbound, Mqtt, _Corked
 from tests.conftest import mqtt_client
 from tools.broker import Broker
 
@@ -47,3 +47,56 @@ async def test_publishing_far_past_the_brokers_receive_maximum_never_overflows(
         await asyncio.wait_for(everything.wait(), 30)
     await listener.disconnect()
     assert received == 5000
+
+
+class _Transport:
+    """What a transport is asked to do, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes]] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def close(self) -> None:
+        self.calls.append(("close", b""))
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+async def _after_what_is_scheduled() -> None:
+    """Return once every callback scheduled so far has run (FIFO)."""
+    loop = asyncio.get_running_loop()
+    turned = loop.create_future()
+    loop.call_soon(turned.set_result, None)
+    await turned
+
+
+async def test_packets_of_one_turn_of_the_loop_leave_in_one_write_in_order() -> None:
+    transport = _Transport()
+    corked = _Corked(transport)  # type: ignore[arg-type]
+
+    for packet in (b"reply", b"presence", b"puback"):
+        corked.write(packet)
+    assert transport.calls == []
+    await _after_what_is_scheduled()
+    corked.write(b"next")
+    await _after_what_is_scheduled()
+
+    assert transport.calls == [("write", b"replypresencepuback"), ("write", b"next")]
+
+
+async def test_closing_sends_what_is_held_first_and_nothing_after() -> None:
+    transport = _Transport()
+    corked = _Corked(transport)  # type: ignore[arg-type]
+
+    corked.write(b"disconnect")
+    corked.close()
+    corked.write(b"late")
+    await _after_what_is_scheduled()
+
+    assert transport.calls == [("write", b"disconnect"), ("close", b"")]
+    assert corked.is_closing()
