@@ -10,7 +10,9 @@ decisions in batches, so the cost of the fsync is shared by the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
@@ -150,6 +152,20 @@ VISIBLE = (
 """Rows of an import become visible all at once, when its batch commits."""
 
 
+DATABASE_MODE = 0o640
+"""A new database file's mode: it holds every license code in full."""
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty database file that others cannot read.
+
+    SQLite would create it by the umask (often 0644); its WAL and shared
+    memory files take the database file's own mode.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DATABASE_MODE))
+
+
 class SqliteStore:
     """:class:`policy.store.Store` on one SQLite file."""
 
@@ -174,6 +190,7 @@ class SqliteStore:
                 "with 'irm-tool tenant add'"
             )
         path.parent.mkdir(parents=True, exist_ok=True)
+        _create_private(path)
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:

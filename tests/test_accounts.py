@@ -328,3 +328,21 @@ def test_a_revocation_keeps_the_lists_group_and_mode(
     assert "revoked 1 certificate(s) of acme/R1" in revoked.stdout
     after = crl.stat()
     assert (after.st_gid, stat.S_IMODE(after.st_mode)) == (group, 0o640)
+
+
+def test_a_fleet_never_gives_existing_accounts_new_passwords(tmp_path: Path) -> None:
+    made = accounts_tool(tmp_path, "add", "--tenant", "acme", "R01")
+    before = (tmp_path / "passwd").read_text()
+    runner = CliRunner(env={"IRM_BROKER_PID_FILE": None})
+
+    fleet = runner.invoke(cli, [
+        "fleet", "--tenant", "acme", "--routers", "3", "--port", "1",
+        "--password-file", str(tmp_path / "passwd"),
+        "--pid-file", str(tmp_path / "mosquitto.pid"),
+    ])  # fmt: skip
+
+    assert made.exit_code == 0, made.output
+    assert fleet.exit_code == 2
+    assert "acme/R01 already has an account" in fleet.stderr
+    assert "--name-prefix" in fleet.stderr
+    assert (tmp_path / "passwd").read_text() == before

@@ -169,3 +169,20 @@ async def test_postgres_migrates_once_and_refuses_a_newer_schema(
         db.execute("INSERT INTO schema_version VALUES (99)")
     with pytest.raises(StoreError, match="newer than this program"):
         await open_store(postgres_url)
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+
+
+async def test_a_new_sqlite_database_is_unreadable_by_others(tmp_path: Path) -> None:
+    """It holds every license code in full, whatever the umask."""
+    path = tmp_path / "irm.db"
+    store = await SqliteStore.open(path)
+    await store.add_tenant("acme", "UTC", datetime.now(UTC))
+
+    modes = _modes(tmp_path)
+    await store.close()
+
+    assert modes["irm.db"] == 0o640
+    assert all(mode & 0o007 == 0 for mode in modes.values()), modes

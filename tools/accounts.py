@@ -251,7 +251,9 @@ def wait_for_reload(
         if time.monotonic() > deadline:
             raise BrokerError(
                 f"the broker on {host}:{port} did not take the change of "
-                f"{login[0]!r} within {timeout} s"
+                f"{login[0]!r} within {timeout} s: is that the listener that "
+                "reads this password file (routers log in on the routers' "
+                "port, IRM_ROUTER_PORT, not the service port)?"
             )
         time.sleep(0.02)
 

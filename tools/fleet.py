@@ -92,9 +92,14 @@ def _router(
 
 
 def _provision(
-    spec: LoadSpec, password_file: Path | None, pid_file: Path | None
-) -> dict[str, str]:
-    """Accounts for every router of the fleet, known to the broker on return."""
+    spec: LoadSpec, password_file: Path | None, pid_file: Path | None,
+    replace: bool,
+) -> dict[str, str]:  # fmt: skip
+    """Accounts for every router of the fleet, known to the broker on return.
+
+    Accounts that already exist are real routers' until said otherwise: the
+    fleet would give them new passwords and lock those routers out.
+    """
     if password_file is None:
         return {}
     if pid_file is None:
@@ -103,6 +108,18 @@ def _provision(
         accounts.router_account(tenant, router): accounts.new_password()
         for tenant, router in spec.names()
     }
+    taken = sorted(set(wanted) & set(accounts.PasswordFile(password_file).entries))
+    if taken and not replace:
+        shown = ", ".join(taken[:5]) + (
+            f" and {len(taken) - 5} more" if taken[5:] else ""
+        )
+        have = "has an account" if len(taken) == 1 else "have accounts"
+        raise click.UsageError(
+            f"{shown} already {have} in {password_file}, and the fleet would "
+            "give them new passwords: name the fleet's routers apart "
+            "(--name-prefix), or give --replace-accounts if those accounts "
+            "are a fleet's own"
+        )
     accounts.provision(password_file, pid_file, wanted, (spec.host, spec.port))
     return wanted
 
@@ -399,6 +416,11 @@ def _run_load(spec: LoadSpec, as_json: bool) -> Summary:
     "--pid-file", envvar="IRM_BROKER_PID_FILE", show_envvar=True,
     type=click.Path(dir_okay=False, path_type=Path), help="The broker's pid_file.",
 )  # fmt: skip
+@click.option(
+    "--replace-accounts", is_flag=True,
+    help="Give routers that already have accounts in --password-file new "
+    "passwords (a fleet run again on its own test broker).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def fleet_command(
     tenants: tuple[str, ...],
@@ -420,6 +442,7 @@ def fleet_command(
     timeout: float,
     password_file: Path | None,
     pid_file: Path | None,
+    replace_accounts: bool,
     as_json: bool,
 ) -> None:
     """Simulate a fleet of routers, each its own MQTT connection.
@@ -439,7 +462,7 @@ def fleet_command(
         processes, connect_rate, duration, rate, churn, heartbeat, timeout,
         prefix, name_prefix,
     )  # fmt: skip
-    passwords = _provision(spec, password_file, pid_file)
+    passwords = _provision(spec, password_file, pid_file, replace_accounts)
     login = next(iter(passwords.items()), None)
     try:
         online = asyncio.run(wait_for_gateway(host, port, prefix, timeout, login))
