@@ -23,7 +23,15 @@ from click.core import ParameterSource
 
 from gateway import logs, metrics, reminders, web
 from gateway.cluster import ClusterGateway
-from gateway.config import ENV_PREFIX, ConfigError, Loaded, Settings, load, shown
+from gateway.config import (
+    ENV_PREFIX,
+    ConfigError,
+    Loaded,
+    Settings,
+    cautions,
+    load,
+    shown,
+)
 from gateway.service import Gateway
 from policy.errors import IrmError
 from policy.postgres_store import PostgresStore
@@ -187,8 +195,12 @@ def check_config(ctx: click.Context, /, as_json: bool, **options: Any) -> None:
     """Print the settings the gateway would run with, secrets masked.
 
     Exit status 0 when they are valid, 2 (with every problem) when not.
+    Warnings of settings that are valid but will not work go to stderr and
+    leave the status 0.
     """
     loaded = _loaded(ctx, options)
+    for caution in cautions(loaded.settings):
+        click.echo(f"irm-gateway: warning: {caution}", err=True)
     values = shown(loaded.settings)
     if as_json:
         click.echo(json.dumps(values, indent=2))

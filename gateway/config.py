@@ -245,6 +245,10 @@ def _explain(error: ErrorDetails, layers: list[Layer]) -> str:
     """``<where> = <value>: must be <rule>``, where names the source."""
     key = str(error["loc"][0]) if error["loc"] else "settings"
     where = _origin(key, layers)
+    if where == "default":
+        # Only a rule between two keys breaks a default: name the key, which
+        # the operator may never have typed.
+        where = f"default {key}"
     if error["type"] == "extra_forbidden":
         return f"{where} = {_typed(error['input'])}: {_unknown(key)}"
     field = Settings.model_fields.get(key)
@@ -264,6 +268,25 @@ def _typed(value: object) -> str:
     """The value as typed; quoted when blank space would hide it."""
     text = str(value)
     return text if text and text.strip() == text else repr(text)
+
+
+# -- cautions ------------------------------------------------------------------
+
+
+def cautions(settings: Settings) -> list[str]:
+    """What is valid but will not work with the broker configuration that ships.
+
+    Warnings, not errors: a broker of the operator's own may admit it.
+    """
+    found = []
+    if settings.broker_username is None:
+        found.append(
+            "broker_username is not set: the shipped mosquitto.conf admits no "
+            "anonymous client, so the broker will refuse the gateway (MQTT code "
+            '135, not authorized): set broker_username = "_gateway" and its '
+            "broker_password"
+        )
+    return found
 
 
 # -- showing -------------------------------------------------------------------

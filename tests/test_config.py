@@ -148,6 +148,20 @@ def test_an_alarm_that_clears_at_or_above_where_it_is_raised_is_refused() -> Non
     )
 
 
+def test_an_alarm_refused_by_its_default_names_the_key_and_both_values(
+    tmp_path: Path,
+) -> None:
+    path = config_file(tmp_path, "alarm_on_percent = 80\n")
+
+    result = gateway("check-config", "--config", str(path))
+
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "irm-gateway: default alarm_off_percent = 85.0: must be below "
+        "alarm_on_percent (80.0)\n"
+    )
+
+
 def test_a_broken_or_missing_file_is_named(tmp_path: Path) -> None:
     broken = config_file(tmp_path, "broker_port = \n")
 
@@ -194,6 +208,27 @@ def test_an_unset_secret_is_shown_as_unset_not_masked() -> None:
     result = gateway("check-config")
 
     assert "# broker_password unset" in result.stdout
+
+
+def test_check_config_warns_of_a_gateway_without_a_broker_account() -> None:
+    result = gateway("check-config", "--json")
+
+    values = effective(result)
+    assert values["broker_username"] is None
+    assert result.stderr.startswith(
+        "irm-gateway: warning: broker_username is not set: the shipped "
+        "mosquitto.conf admits no anonymous client"
+    )
+    assert "(MQTT code 135, not authorized)" in result.stderr
+
+
+def test_check_config_does_not_warn_of_a_gateway_with_its_account() -> None:
+    result = gateway(
+        "check-config", "--broker-username", "_gateway", IRM_BROKER_PASSWORD="s"
+    )
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
 
 
 class _Extended(Settings):
