@@ -91,6 +91,7 @@ class ClusterGateway(Gateway):
         self._next_repair = 0.0
         self._takeovers: dict[str, asyncio.Task[None]] = {}
         self._failed = False
+        self._share_secret = ""
 
     # -- life cycle ------------------------------------------------------
 
@@ -98,12 +99,17 @@ class ClusterGateway(Gateway):
         """Know the tenants; their lines are read when first locked."""
         for tenant in await self.store.tenants():
             self._versions[tenant.id] = -1
+        self._share_secret = await self.shared.share_secret()
         self._version = await self.store.poll_version()
         self._change_seq, _ = await self.store.changes_after(0)
         log.info("cluster member ready", tenants=len(self._versions))
 
     def _topics(self) -> list[str]:
-        group = self.settings.share_group
+        # The group's name holds the cluster's secret (the store's): a
+        # router that subscribed to a group it can name would be handed
+        # its share of every hello, which the broker then drops as
+        # unreadable for it.
+        group = f"{self.settings.share_group}-{self._share_secret}"
         return [f"$share/{group}/{topic}" for topic in super()._topics()]
 
     async def _on_connected(self) -> None:

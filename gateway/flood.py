@@ -1,11 +1,15 @@
-"""Flood control: a token bucket per router for hellos, ahead of the decider.
+"""Flood control: a token bucket per router and kind, ahead of the decider.
 
 A router that says hello far more often than the protocol asks (once per
 connection, resent after 10 s at the soonest) must not hold up the
 others: every hello that reaches the decider costs a durable write and a
-reply. Over its budget, a hello is answered ``rate_limited`` at most once
-per refill interval and otherwise dropped, before it is queued, so a
-flooding router costs a JSON parse, not a decision.
+reply. Heartbeats and goodbyes are cheaper, but a stale heartbeat is
+answered too, so a flood of them costs as much and fills the router's own
+reply queue in the broker. Each kind of message has a bucket of its own
+per router, so a router's heartbeats never spend its hellos. Over its
+budget, a hello is answered ``rate_limited`` at most once per refill
+interval and otherwise dropped, before it is queued; a heartbeat or
+goodbye is dropped. A flooding router costs a topic split, not a decision.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ MAX_TRACKED = 100_000
 class Verdict(Enum):
     PASS = "pass"
     TELL = "tell"
-    """Over budget: answer ``rate_limited`` once."""
+    """Over budget: answer ``rate_limited`` once (hellos)."""
     DROP = "drop"
     """Over budget and already told: no reply."""
 
@@ -32,15 +36,15 @@ class _Bucket:
     told: bool = False
 
 
-class HelloLimiter:
-    """``burst`` hellos at once, then ``rate`` a second, per router."""
+class Limiter:
+    """``burst`` messages at once, then ``rate`` a second, per key."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = burst
-        self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._buckets: dict[tuple[str, ...], _Bucket] = {}
 
-    def take(self, key: tuple[str, str], now: float) -> Verdict:
+    def take(self, key: tuple[str, ...], now: float) -> Verdict:
         """Spend one token of ``key``'s bucket at monotonic time ``now``."""
         bucket = self._buckets.get(key)
         if bucket is None:

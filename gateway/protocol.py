@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from policy.admission import Cause, Reason, Verdict
+from policy.errors import BadInput
 from policy.licenses import Tier
 from policy.timeutil import to_text
 
@@ -37,6 +38,22 @@ MAX_PAYLOAD = 4096
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 """Tenant and router ids: one topic level, no MQTT wildcards, 1 to 64."""
 NAME = re.compile(NAME_PATTERN)
+
+RESERVED_ROUTERS = frozenset({"reply"})
+"""Ids no router may have: a tenant's consumers may read
+``irm/v1/{tenant}/reply/#`` (mosquitto.acl's rule for a router's replies,
+given the tenant's one-level account name), which would be every topic of
+a router named ``reply``."""
+
+
+def refuse_reserved(router: str) -> None:
+    """Raise :class:`BadInput` for a router id in :data:`RESERVED_ROUTERS`."""
+    if router in RESERVED_ROUTERS:
+        raise BadInput(
+            f"router {router!r} is reserved: its topics would be readable by "
+            "the tenant's consumers; name the router otherwise"
+        )
+
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Session = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -173,7 +190,7 @@ def split_topic(prefix: str, name: str) -> tuple[str, str, str] | None:
     if len(parts) != 2 or rest not in INBOUND:
         return None
     tenant, router = parts
-    if not (NAME.match(tenant) and NAME.match(router)):
+    if not (NAME.match(tenant) and NAME.match(router)) or router in RESERVED_ROUTERS:
         return None
     return tenant, router, rest
 

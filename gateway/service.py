@@ -32,7 +32,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway import protocol
 from gateway.config import Settings
-from gateway.flood import HelloLimiter
+from gateway.flood import Limiter
 from gateway.flood import Verdict as Flood
 from gateway.metrics import Metrics
 from gateway.mqtt import Inbound, Mqtt
@@ -121,7 +121,7 @@ class Gateway:
         self.decisions: Counter[str] = Counter()
         self.suspected_duplicates: Counter[str] = Counter()
         self._resumes: dict[tuple[str, str], deque[datetime]] = {}
-        self._limiter = HelloLimiter(settings.hello_rate, settings.hello_burst)
+        self._limiter = Limiter(settings.hello_rate, settings.hello_burst)
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
         self._mqtt: Mqtt | None = None
         self._logged: set[tuple[str, str]] = set()
@@ -281,7 +281,7 @@ class Gateway:
         tenant, router, kind = parts
         self.metrics.received(kind)
         log.debug("received", tenant=tenant, router=router, kind=kind)
-        if kind == "hello" and not self._within_budget(tenant, router, inbound):
+        if not self._within_budget(tenant, router, kind, inbound):
             return None
         problem, message = self._validate(kind, inbound.payload)
         if message is None:
@@ -299,18 +299,22 @@ class Gateway:
         done = asyncio.get_running_loop().create_future()
         return _Item(kind, tenant, router, message, inbound, done)
 
-    def _within_budget(self, tenant: str, router: str, inbound: Inbound) -> bool:
-        """Whether this hello may go on; a flood is refused once, then dropped."""
+    def _within_budget(
+        self, tenant: str, router: str, kind: str, inbound: Inbound
+    ) -> bool:
+        """Whether this message may go on; a flood of hellos is refused once,
+        then dropped, and one of heartbeats or goodbyes dropped."""
         now = asyncio.get_running_loop().time()
-        verdict = self._limiter.take((tenant, router), now)
+        verdict = self._limiter.take((tenant, router, kind), now)
         if verdict is Flood.PASS:
             return True
+        then = "say hello once" if kind == "hello" else f"send one {kind}"
         detail = (
-            f"over {self.settings.hello_burst} hellos at once or "
-            f"{self.settings.hello_rate:g} a second: wait, then say hello once"
+            f"over {self.settings.hello_burst} {kind}s at once or "
+            f"{self.settings.hello_rate:g} a second: wait, then {then}"
         )
         self._bad("rate_limited", tenant, router, detail)
-        if verdict is Flood.TELL:
+        if verdict is Flood.TELL and kind == "hello":
             self._refuse(tenant, router, Reason.RATE_LIMITED, inbound, detail)
         return False
 
@@ -448,6 +452,7 @@ class Gateway:
         elif isinstance(message, Heartbeat):
             outcome = self.admission.heartbeat(tenant, router, message.session, now)
             if outcome.stale:
+                self._bad("stale_heartbeat", tenant, router)
                 reply = protocol.refusal(
                     tenant, router, Reason.SESSION_UNKNOWN, now, None,
                     "no current session by that name: say hello again",

@@ -140,6 +140,18 @@ MIGRATIONS = [
     CREATE INDEX reminders_by_tenant ON reminders(tenant);
     CREATE INDEX reminders_by_mail ON reminders(mail);
     """,
+    # 3: a secret of the cluster's own, in the name of its MQTT shared
+    # subscription: Mosquitto grants any client's SUBSCRIBE and checks read
+    # rights only as it delivers, so a router that joined a known group
+    # would take its turn at every hello and drop it.
+    """
+    CREATE TABLE cluster (
+        key    text PRIMARY KEY,
+        value  text NOT NULL
+    );
+    INSERT INTO cluster
+        VALUES ('share_secret', replace(gen_random_uuid()::text, '-', ''));
+    """,
 ]
 
 GATEWAY = "gateway"
@@ -446,6 +458,12 @@ class PostgresStore:
                 for r in rows
             }
             yield LockedBatch(db, found)
+
+    async def share_secret(self) -> str:
+        """The cluster's secret, the same for every gateway on this database."""
+        row = await _one(self._conn, "SELECT value FROM cluster WHERE key = %s",
+                         ("share_secret",))  # fmt: skip
+        return str(row[0])
 
     async def tenant_versions(self) -> dict[str, int]:
         rows = await _all(self._conn, "SELECT tenant, version FROM tenants")
@@ -923,6 +941,7 @@ class _Writes:
 
 async def connect(url: str, *, autocommit: bool = True) -> Conn:
     """A connection that speaks UTC; errors name the server, not a trace."""
+    _check_url(url)
     try:
         return await psycopg.AsyncConnection.connect(
             url, autocommit=autocommit, options="-c timezone=UTC"
@@ -931,6 +950,19 @@ async def connect(url: str, *, autocommit: bool = True) -> Conn:
         raise StoreError(
             f"cannot connect to PostgreSQL at {_safe(url)}: {exc}"
         ) from exc
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL libpq cannot read, without repeating it: its text (and
+    psycopg's message about it) may hold the password."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise StoreError(
+            "the PostgreSQL URL cannot be read (not shown: it may hold the "
+            "password): percent-encode '%', '@', ':', '/' and spaces in the "
+            "user name and password, e.g. '%25' for '%'"
+        ) from None
 
 
 def _safe(url: str) -> str:

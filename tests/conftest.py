@@ -191,16 +191,21 @@ class GatewayProcess:
         return lines
 
     async def until_logged(
-        self, event: str, count: int = 1, timeout: float = 10.0
+        self, event: str, count: int = 1, timeout: float = 10.0, **fields: Any
     ) -> list[dict[str, Any]]:
-        """The lines logging ``event``, once there are ``count`` of them.
+        """The lines logging ``event`` (with ``fields``), once there are
+        ``count`` of them.
 
         The log is a file the gateway writes after it acts (a mail is
         accepted before "reminder sent" is written), so it is polled.
         """
+        wanted = {"event": event, **fields}
         async with asyncio.timeout(timeout):
             while True:
-                found = [e for e in self.log_lines() if e.get("event") == event]
+                found = [
+                    e for e in self.log_lines()
+                    if all(e.get(k) == v for k, v in wanted.items())
+                ]  # fmt: skip
                 if len(found) >= count:
                     return found
                 await asyncio.sleep(0.05)  # a file: nothing to await

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from gateway.flood import HelloLimiter, Verdict
+from gateway import protocol
+from gateway.flood import Limiter, Verdict
 from policy.errors import BadInput
 from tools import accounts
 from tools.cli import cli
@@ -96,7 +97,7 @@ def test_reloading_without_a_broker_names_the_pid_file(tmp_path: Path) -> None:
 
 
 def test_a_router_gets_its_burst_then_its_rate_and_is_told_once() -> None:
-    limiter = HelloLimiter(rate=1.0, burst=3)
+    limiter = Limiter(rate=1.0, burst=3)
     key = ("acme", "R01")
 
     burst = [limiter.take(key, 0.0) for _ in range(6)]
@@ -107,7 +108,7 @@ def test_a_router_gets_its_burst_then_its_rate_and_is_told_once() -> None:
 
 
 def test_one_router_flooding_leaves_the_others_their_budget() -> None:
-    limiter = HelloLimiter(rate=1.0, burst=2)
+    limiter = Limiter(rate=1.0, burst=2)
     for _ in range(1000):
         limiter.take(("acme", "R01"), 0.0)
 
@@ -346,3 +347,17 @@ def test_a_fleet_never_gives_existing_accounts_new_passwords(tmp_path: Path) -> 
     assert "acme/R01 already has an account" in fleet.stderr
     assert "--name-prefix" in fleet.stderr
     assert (tmp_path / "passwd").read_text() == before
+
+
+def test_no_router_may_be_named_reply_which_its_tenants_consumers_could_read(
+    tmp_path: Path,
+) -> None:
+    added = accounts_tool(tmp_path, "add", "--tenant", "acme", "reply")
+
+    assert added.exit_code == 1
+    assert "router 'reply' is reserved" in added.stderr
+    assert not (tmp_path / "passwd").exists()
+    assert protocol.split_topic("irm/v1", "irm/v1/acme/reply/hello") is None
+    assert protocol.split_topic("irm/v1", "irm/v1/acme/replies/hello") == (
+        "acme", "replies", "hello",
+    )  # fmt: skip

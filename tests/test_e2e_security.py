@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 from collections import Counter
@@ -462,6 +463,36 @@ async def test_a_flooding_router_is_refused_and_the_others_are_answered(
     assert gateway.alive()
 
 
+async def test_a_flood_of_stale_heartbeats_is_answered_a_burst_not_one_each(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Each stale heartbeat is answered, so a flood of them would cost the
+    gateway a reply each and fill the router's reply queue in the broker."""
+    _, gateway = await started_gateway(
+        broker, tmp_path, "acme", options={"hello-burst": 5, "hello-rate": 1}, basic1=3
+    )
+    flooder = sim_router(broker, "acme", "R01")
+    await flooder.connect()
+    other = sim_router(broker, "acme", "R11")
+    await other.connect()
+    started = asyncio.get_running_loop().time()
+
+    for _ in range(300):
+        flooder.heartbeat()  # its session holds no place: stale
+    answer, _ = await other.ask()
+    ref = flooder.hello()  # a bucket of its own: decided after the flood
+    stale = 0
+    while (decision := await flooder.next_decision(20)).ref != ref:
+        stale += decision.reason == "session_unknown"
+    elapsed = asyncio.get_running_loop().time() - started
+
+    assert answer.decision == "accept"
+    assert decision.reason == "licensed"
+    assert 5 <= stale <= 5 + math.ceil(elapsed)
+    await gateway.until_logged("bad input", kind="stale_heartbeat")
+    await gateway.until_logged("bad input", kind="rate_limited")
+
+
 async def slowed_down_not_banned(router: SimRouter) -> Decision:
     """Once its bucket refills (a second here), a hello is answered again."""
     for _ in range(10):
@@ -536,3 +567,19 @@ async def test_a_last_will_on_another_routers_topic_is_never_published(
 
     assert victim.topic("goodbye") not in everything.topics()
     assert (await victim.ask())[0].decision == "accept"
+
+
+def test_a_broker_started_again_on_an_earlier_runs_directory_admits_its_own(
+    tmp_path: Path,
+) -> None:
+    """Each harness run makes new service passwords: its broker.env must work."""
+    answers = []
+    for _ in range(2):
+        server = Broker(tmp_path / "broker")
+        server.start()
+        try:
+            answers.append(accounts.connack("127.0.0.1", server.port, *server.gateway))
+        finally:
+            server.stop()
+
+    assert answers == [accounts.CONNACK_ACCEPTED] * 2

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from gateway import protocol
 from gateway.__main__ import cli
 from policy.timeutil import from_text, to_text
-from tests.conftest import BIN, GatewayProcess, PresenceWatch, sim_router
+from tests.conftest import BIN, GatewayProcess, PresenceWatch, mqtt_client, sim_router
 from tests.seeding import add_available, seed_tenant
 from tools.broker import Broker
 from tools.router import Heard, SimRouter
@@ -462,3 +462,28 @@ async def test_a_scheduled_activation_happens_at_its_instant_after_the_leader_di
     assert granted == (1,), "the instant took effect once"
     await first.disconnect()
     await second.disconnect()
+
+
+async def test_a_router_in_a_share_group_it_can_name_takes_no_hello(
+    broker: Broker, tmp_path: Path, postgres_url: str
+) -> None:
+    """Mosquitto grants the SUBSCRIBE and drops what it may not read: a
+    router in the cluster's group would swallow its turn of every hello."""
+    await seed_tenant(postgres_url, "TA", basic1=20)
+    gateways = await _cluster(broker, tmp_path, postgres_url, 1)
+    await _until_logged(gateways, "leading the cluster", 10)
+    account = ("TA/EVE", broker.router_password("TA", "EVE"))
+    broker.flush()
+    eve = await mqtt_client(broker, account, client_id="TA/EVE")
+    for kind in protocol.INBOUND:
+        eve.subscribe(f"$share/irm-gateways/irm/v1/+/+/{kind}", qos=1)
+    routers = [sim_router(broker, "TA", f"R{i:02d}") for i in range(20)]
+    try:
+        for router in routers:
+            await router.connect()
+        decisions = [(await router.ask(timeout=5))[0] for router in routers]
+    finally:
+        await asyncio.gather(*(r.disconnect() for r in routers))
+        await eve.disconnect()
+
+    assert [d.decision for d in decisions] == ["accept"] * 20

@@ -14,7 +14,7 @@ import pytest
 from policy.admission import Cause, Joined, Left, Place, Reason, SeatChanged, Verdict
 from policy.errors import RuleViolation, StoreError
 from policy.licenses import Kind, State, Tier
-from policy.postgres_store import MIGRATIONS
+from policy.postgres_store import MIGRATIONS, PostgresStore
 from policy.sqlite_store import SCHEMA, SqliteStore
 from policy.store import Store
 from policy.stores import open_store
@@ -186,3 +186,27 @@ async def test_a_new_sqlite_database_is_unreadable_by_others(tmp_path: Path) -> 
 
     assert modes["irm.db"] == 0o640
     assert all(mode & 0o007 == 0 for mode in modes.values()), modes
+
+
+async def test_an_unreadable_postgresql_url_is_refused_without_its_password() -> None:
+    with pytest.raises(StoreError) as refused:
+        await open_store("postgresql://irm:PG%zzSECRET 1@127.0.0.1:1/irm")
+
+    assert "SECRET" not in str(refused.value)
+    assert "percent-encode" in str(refused.value)
+
+
+async def test_gateways_on_one_postgresql_share_one_unguessable_secret(
+    postgres_url: str,
+) -> None:
+    first = await PostgresStore.open(postgres_url)
+    second = await PostgresStore.open(postgres_url)
+    try:
+        secret = await first.share_secret()
+        assert await second.share_secret() == secret
+    finally:
+        await first.close()
+        await second.close()
+
+    assert len(secret) == 32
+    assert int(secret, 16) > 0

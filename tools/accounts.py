@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from gateway.protocol import NAME
+from gateway.protocol import NAME, refuse_reserved
 from policy.errors import BadInput, IrmError
 
 ITERATIONS = 101
@@ -61,6 +61,7 @@ class BrokerError(IrmError):
 
 def router_account(tenant: str, router: str) -> str:
     """The broker user name of one router: ``{tenant}/{router}``."""
+    refuse_reserved(router)
     return f"{_checked(tenant, 'tenant')}/{_checked(router, 'router')}"
 
 

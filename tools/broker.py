@@ -187,10 +187,13 @@ class Broker:
     def _first_files(self) -> None:
         """The service accounts, an empty password file for routers and
         consumers, the routers' CA and the server's certificate."""
-        if not self.service_password_file.exists():
-            service = accounts.PasswordFile(self.service_password_file)
-            service.set_many(self.passwords)
-            service.save()
+        # The service accounts are written at every start: a broker started
+        # again on a directory of an earlier run has this run's passwords
+        # (which broker.env gives), and keeps the routers' accounts.
+        service = accounts.PasswordFile(self.service_password_file)
+        service.set_many(dict([self.gateway, self.admin]))
+        service.save()
+        if not self.password_file.exists():
             accounts.PasswordFile(self.password_file).save()
         if not (self.tls_dir / "ca.pem").exists():
             ca = tls.make_ca(self.tls_dir)

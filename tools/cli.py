@@ -33,7 +33,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from gateway.protocol import NAME
+from gateway.protocol import NAME, refuse_reserved
 from policy import codes, csvimport, imports
 from policy.errors import BadInput, CsvImportError, IrmError
 from policy.licenses import (
@@ -1100,6 +1100,7 @@ def routers_register(
         raise click.UsageError("give --tenant to register routers with", ctx)
     for router in routers:
         _check_name(router, "router")
+        refuse_reserved(router)
     settings = ctx.find_object(Settings)
     assert settings is not None, "the root group sets it"
 
