@@ -121,9 +121,7 @@ def test_the_tool_refuses_to_add_twice_or_revoke_nothing_and_changes_nothing(
 ) -> None:
     passwd = tmp_path / "passwd"
     base = ["accounts", "--password-file", str(passwd)]
-    runner = CliRunner(
-        env={"IRM_BROKER_PID_FILE": None, "IRM_BROKER_SERVICE_PASSWORD_FILE": None}
-    )
+    runner = CliRunner(env={"IRM_BROKER_PID_FILE": None})
     made = runner.invoke(cli, [*base, "add", "--tenant", "acme", "R01"])
     before = passwd.read_text()
 
@@ -141,11 +139,8 @@ def test_the_tool_refuses_to_add_twice_or_revoke_nothing_and_changes_nothing(
 
 
 def accounts_tool(tmp_path: Path, *args: str, pid_file: Path | None = None) -> Result:
-    """``irm-tool accounts`` on password files in ``tmp_path``."""
-    files = [
-        "--password-file", str(tmp_path / "passwd"),
-        "--service-password-file", str(tmp_path / "service.passwd"),
-    ]  # fmt: skip
+    """``irm-tool accounts`` on the password file in ``tmp_path``."""
+    files = ["--password-file", str(tmp_path / "passwd")]
     if pid_file is not None:
         files += ["--pid-file", str(pid_file)]
     runner = CliRunner(env={"IRM_BROKER_PID_FILE": None, "IRM_ROUTER_CA_DIR": None})
@@ -204,37 +199,49 @@ def test_a_password_made_is_shown_even_when_the_reload_then_fails(
     assert "reload the broker (SIGHUP)" in result.stderr
 
 
-def test_service_accounts_go_to_the_service_file_and_list_shows_both(
+def test_service_accounts_share_the_one_password_file_and_list_shows_all(
     tmp_path: Path,
 ) -> None:
     service = accounts_tool(tmp_path, "add", "--service", "_gateway")
     router = accounts_tool(tmp_path, "add", "--tenant", "acme", "R1")
+    consumer = accounts_tool(tmp_path, "add", "--tenant", "acme")
+    rotated = accounts_tool(tmp_path, "rotate", "--service", "_gateway")
+    again = accounts_tool(tmp_path, "add", "--service", "_gateway")
     listed = accounts_tool(tmp_path, "list", "--json")
     grouped = accounts_tool(tmp_path, "--json", "list")
     gateway_name = accounts_tool(tmp_path, "add", "--tenant", "irm-gateway-gw1")
 
-    assert (service.exit_code, router.exit_code) == (0, 0)
-    assert list(accounts.PasswordFile(tmp_path / "service.passwd").entries) == [
-        "_gateway"
-    ]
-    assert list(accounts.PasswordFile(tmp_path / "passwd").entries) == ["acme/R1"]
-    assert json.loads(listed.stdout) == {"accounts": ["_gateway", "acme/R1"]}
+    assert [r.exit_code for r in (service, router, consumer, rotated)] == [0] * 4
+    assert list(accounts.PasswordFile(tmp_path / "passwd").entries) == [
+        "_gateway", "acme", "acme/R1",
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["passwd"]
+    assert again.exit_code == 1
+    assert "_gateway exists: rotate it" in again.stderr
+    assert json.loads(listed.stdout) == {"accounts": ["_gateway", "acme", "acme/R1"]}
     assert grouped.stdout == listed.stdout
     assert gateway_name.exit_code == 1
     assert "may not begin with 'irm-gateway-'" in gateway_name.stderr
 
 
-def test_the_service_file_must_be_named_for_a_service_account(tmp_path: Path) -> None:
-    runner = CliRunner(env={"IRM_BROKER_SERVICE_PASSWORD_FILE": None})
-    result = runner.invoke(
+def test_every_account_needs_the_password_file_named(tmp_path: Path) -> None:
+    runner = CliRunner(env={"IRM_BROKER_PASSWORD_FILE": None})
+    results = [
+        runner.invoke(cli, ["accounts", *args])
+        for args in (["add", "--service", "_admin"], ["list"])
+    ]
+    # The service accounts' file of its own is gone: its option is refused.
+    old = runner.invoke(
         cli,
-        ["accounts", "--password-file", str(tmp_path / "passwd"),
+        ["accounts", "--service-password-file", str(tmp_path / "other"),
          "add", "--service", "_admin"],
     )  # fmt: skip
 
-    assert result.exit_code == 2
-    assert "--service-password-file" in result.stderr
-    assert not (tmp_path / "passwd").exists()
+    assert [r.exit_code for r in results] == [2, 2]
+    assert all("give --password-file" in r.stderr for r in results)
+    assert old.exit_code == 2
+    assert "No such option" in old.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture

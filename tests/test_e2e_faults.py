@@ -5,17 +5,22 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway import protocol
 from gateway.protocol import Decision
 from tests.conftest import (
     GatewayProcess,
     PresenceWatch,
     StatusWatch,
+    mqtt_client,
     sim_router,
     started_gateway,
+    wait_gateway_online,
 )
 from tests.seeding import seed_tenant
 from tools.broker import Broker
@@ -225,3 +230,97 @@ async def test_sigterm_ends_a_gateway_that_never_reached_its_broker(
         while "broker unreachable" not in gateway.log.read_text():  # noqa: ASYNC110 - a child's log has nothing to await
             await asyncio.sleep(0.05)
     assert gateway.stop(timeout=20) == 0
+
+
+class HelloWatch:
+    """A tenant's hellos as the broker passes them on, seen by the operator's
+    account: proof that hellos reached the broker before the gateway is back."""
+
+    def __init__(self, broker: Broker, tenant: str) -> None:
+        self.broker = broker
+        self.tenant = tenant
+        self.count = 0
+        self._changed = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._client: Any = None
+
+    def _on_message(self, client: object, topic: str, payload: bytes, *r: Any) -> int:
+        self.count += 1
+        self._changed.set()
+        return 0
+
+    async def __aenter__(self) -> HelloWatch:
+        self._client = await mqtt_client(self.broker)
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.subscribe(f"{protocol.PREFIX}/{self.tenant}/+/hello", qos=1)
+        await asyncio.wait_for(self._subscribed.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.disconnect()
+
+    async def until(self, count: int, timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            while self.count < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def provisioned(
+    broker: Broker, tenant: str, prefix: str, count: int, tally: Tally
+) -> list[SimRouter]:
+    """New routers' accounts, known to the broker by a reload, as
+    ``irm-tool accounts add`` makes them; then the routers connect."""
+    names = [f"{prefix}{i:02d}" for i in range(count)]
+    broker.provision(tenant, names)
+    routers = [sim_router(broker, tenant, name, on_heard=tally) for name in names]
+    await asyncio.gather(*(r.connect() for r in routers))
+    return routers
+
+
+def session_present(gateway: GatewayProcess) -> list[bool]:
+    """``session_present`` of each of the gateway's connections, in order."""
+    return [
+        e["session_present"]
+        for e in gateway.log_lines()
+        if e.get("event") == "broker connected"
+    ]
+
+
+async def test_accounts_added_after_a_broker_restart_lose_no_hello(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Reloads after a broker restart, with the gateway connected and then
+    stopped: every hello is answered, those queued while it was down too."""
+    database, gateway = await started_gateway(broker, tmp_path, "T", basic1=15)
+    restarted = datetime.now(UTC)
+    broker.restart()
+    await wait_gateway_online(broker, restarted, 20, gateway)
+    tally = Tally()
+
+    online = await provisioned(broker, "T", "A", 10, tally)
+    for router in online:
+        router.hello()
+    await tally.until(lambda t: len(t.latest) == 10)
+    assert gateway.stop() == 0
+    away = await provisioned(broker, "T", "B", 10, tally)
+    async with HelloWatch(broker, "T") as hellos:
+        for router in away:
+            router.hello()
+        await hellos.until(10)
+    answered_while_away = len(tally.latest)
+    await gateway.start()
+    await tally.until(lambda t: len(t.latest) == 20)
+
+    line = line_of(database, "T")
+    assert answered_while_away == 10
+    assert {name for name, _ in line[:10]} == {r.router for r in online}
+    assert {name for name, _ in line[10:]} == {r.router for r in away}
+    assert_prefix(line, 15)
+    accepted = {n for n, d in tally.latest.items() if d.decision == "accept"}
+    assert accepted == {name for name, seated in line if seated}
+    assert session_present(gateway)[-2:] == [True, True]
+    for router in online + away:
+        await router.disconnect()
+    gateway.stop()

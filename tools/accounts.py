@@ -10,10 +10,12 @@ Account names follow the broker's access rules (mosquitto.acl):
 - the service accounts start with ``_`` (``_gateway``, ``_admin``), which
   no tenant or router id can, so they never collide with a customer's.
 
-Routers and consumers are in one password file, read by the listeners
-that make the account name the client id; the service accounts are in
-another, read by the service listener alone, where a client chooses its
-client id (mosquitto.conf).
+Every account, the service accounts included, is in one password file,
+read by both of the broker's password listeners (mosquitto.conf says why
+the broker has no accounts of their own per listener). On the routers'
+listeners the account name is the client id; on the service listener a
+client chooses its client id, so only the gateway's and operators' hosts
+may reach it.
 
 Passwords are stored as Mosquitto's ``$7$`` entries (PBKDF2-HMAC-SHA512,
 as ``mosquitto_passwd`` writes them); the plain password is shown once,
@@ -252,9 +254,9 @@ def wait_for_reload(
         if time.monotonic() > deadline:
             raise BrokerError(
                 f"the broker on {host}:{port} did not take the change of "
-                f"{login[0]!r} within {timeout} s: is that the listener that "
-                "reads this password file (routers log in on the routers' "
-                "port, IRM_ROUTER_PORT, not the service port)?"
+                f"{login[0]!r} within {timeout} s: is that a password listener "
+                "of the broker that reads this password file (routers log in "
+                "on the routers' port, IRM_ROUTER_PORT)?"
             )
         time.sleep(0.02)
 

@@ -2,10 +2,10 @@
 
 Each command changes a password file the broker reads and then sends the
 broker SIGHUP (to the pid in ``--pid-file``) so that the change holds at
-once: a new account can connect, a revoked one cannot reconnect. Routers'
-and consumers' accounts are in ``--password-file``, the service accounts in
-``--service-password-file`` (mosquitto.conf gives each listener its own). A
-new password is shown once, here; only its hash is stored.
+once: a new account can connect, a revoked one cannot reconnect. Every
+account, routers', consumers' and the service accounts alike, is in the
+one ``--password-file`` (mosquitto.conf's ``password_file``). A new
+password is shown once, here; only its hash is stored.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from tools import accounts, tls
 @dataclass(frozen=True, slots=True)
 class Files:
     given_password_file: Path | None
-    given_service_file: Path | None
     pid_file: Path | None
     as_json: bool
 
@@ -34,22 +33,9 @@ class Files:
         if self.given_password_file is None:
             raise click.UsageError(
                 "give --password-file (or IRM_BROKER_PASSWORD_FILE): the "
-                "password_file of the routers' listener"
+                "broker's password_file"
             )
         return self.given_password_file
-
-    @property
-    def service_file(self) -> Path:
-        if self.given_service_file is None:
-            raise click.UsageError(
-                "give --service-password-file (or IRM_BROKER_SERVICE_PASSWORD_FILE):"
-                " the password_file of the service listener"
-            )
-        return self.given_service_file
-
-    def holding(self, service: str | None) -> Path:
-        """The file that holds these accounts: a service account's, or not."""
-        return self.service_file if service is not None else self.password_file
 
 
 pass_files = click.make_pass_decorator(Files)
@@ -59,14 +45,8 @@ pass_files = click.make_pass_decorator(Files)
 @click.option(
     "--password-file", envvar="IRM_BROKER_PASSWORD_FILE",
     type=click.Path(dir_okay=False, path_type=Path), show_envvar=True,
-    help="Routers' and tenants' consumers' accounts: the password_file of the "
-    "routers' listener (mosquitto.conf).",
-)  # fmt: skip
-@click.option(
-    "--service-password-file", envvar="IRM_BROKER_SERVICE_PASSWORD_FILE",
-    type=click.Path(dir_okay=False, path_type=Path), show_envvar=True,
-    help="The gateway's and operators' accounts: the password_file of the "
-    "service listener.",
+    help="Every account (routers, tenants' consumers, the gateway, operators): "
+    "the broker's password_file (mosquitto.conf).",
 )  # fmt: skip
 @click.option(
     "--pid-file", envvar="IRM_BROKER_PID_FILE", show_envvar=True,
@@ -76,16 +56,16 @@ pass_files = click.make_pass_decorator(Files)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def accounts_group(
-    ctx: click.Context, password_file: Path | None,
-    service_password_file: Path | None, pid_file: Path | None, as_json: bool,
+    ctx: click.Context, password_file: Path | None, pid_file: Path | None,
+    as_json: bool,
 ) -> None:  # fmt: skip
     """Broker accounts: routers, tenants' consumers, the gateway, operators.
 
     A router is {tenant}/{router}; a tenant's consumers are {tenant}; the
-    gateway is _gateway and operators are _admin, who alone may log in on
-    the service listener (docs/security.md).
+    gateway is _gateway and operators are _admin. All are in one password
+    file (docs/security.md).
     """
-    ctx.obj = Files(password_file, service_password_file, pid_file, as_json)
+    ctx.obj = Files(password_file, pid_file, as_json)
 
 
 def _names(
@@ -109,8 +89,7 @@ def _who(command: Callable[..., None]) -> Callable[..., None]:
     command = click.argument("routers", nargs=-1)(command)
     command = click.option(
         "--service", type=click.Choice(accounts.SERVICE_ACCOUNTS),
-        help="A service account (in --service-password-file) instead of a "
-        "tenant's.",
+        help="A service account instead of a tenant's.",
     )(command)  # fmt: skip
     return click.option("--tenant", help="The tenant; alone: its consumers.")(command)
 
@@ -123,7 +102,7 @@ def add(
 ) -> None:
     """Make accounts (refused if one exists: rotate it instead)."""
     names = _names(tenant, routers, service)
-    _set(files, files.holding(service), names, must_exist=False)
+    _set(files, files.password_file, names, must_exist=False)
 
 
 @accounts_group.command("rotate")
@@ -134,7 +113,7 @@ def rotate(
 ) -> None:
     """Give accounts new passwords; the old ones stop working."""
     names = _names(tenant, routers, service)
-    _set(files, files.holding(service), names, must_exist=True)
+    _set(files, files.password_file, names, must_exist=True)
 
 
 @accounts_group.command("revoke")
@@ -145,7 +124,7 @@ def revoke(
 ) -> None:
     """Remove accounts: they can no longer connect."""
     names = _names(tenant, routers, service)
-    passwords = accounts.PasswordFile(files.holding(service))
+    passwords = accounts.PasswordFile(files.password_file)
     missing = passwords.remove(names)
     if missing:
         raise BadInput(f"no such account: {', '.join(missing)}; nothing revoked")
@@ -159,16 +138,11 @@ def revoke(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_files
 def list_accounts(files: Files, as_json: bool) -> None:
-    """The accounts in the password files given (names only)."""
-    given = [f for f in (files.given_password_file, files.given_service_file) if f]
-    if not given:
-        raise click.UsageError(
-            "give --password-file or --service-password-file (or both)"
-        )
-    missing = [str(path) for path in given if not path.exists()]
-    if missing:
-        raise BadInput(f"no such password file: {', '.join(missing)}")
-    names = sorted(n for path in given for n in accounts.PasswordFile(path).entries)
+    """The accounts in the password file (names only)."""
+    path = files.password_file
+    if not path.exists():
+        raise BadInput(f"no such password file: {path}")
+    names = sorted(accounts.PasswordFile(path).entries)
     if as_json or files.as_json:
         click.echo(json.dumps({"accounts": names}, indent=2))
     else:

@@ -1,16 +1,17 @@
 """Start Mosquitto from the repository's ``mosquitto.conf`` for tests and demos.
 
 Only what must differ per run is replaced: the listeners' ports (on
-loopback), the paths of the password files, pid file, TLS files and
+loopback), the paths of the password file, pid file, TLS files and
 persistence directory (each keeps its name, in the run's directory), and
 the user Mosquitto runs as (it drops to user ``mosquitto`` when started as
 root, which could not write a run's directory). Everything else, the
 access rules included, is what ships.
 
-The harness is where a run's credentials come from: at start it makes the
-gateway's and an operator's accounts, a routers' CA and the server's
-certificate, and it provisions routers through tools/accounts.py, the code
-``irm-tool accounts`` runs.
+The harness is where a run's credentials come from: at start it writes
+the gateway's and an operator's accounts into the password file (keeping
+the routers' and consumers' accounts already there), makes a routers' CA
+and the server's certificate, and it provisions routers through
+tools/accounts.py, the code ``irm-tool accounts`` runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import ssl
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tools import accounts, tls
@@ -110,18 +112,22 @@ def _raise_open_files() -> None:
 class Broker:
     """A Mosquitto process on loopback, restartable with the same state.
 
-    ``port`` is the service listener (the gateway and operators: the
-    service accounts of ``service_password_file``), ``router_port`` the
-    password listener of routers and tenants' consumers (the accounts of
-    ``password_file``), ``tls_port`` the routers' TLS listener. ``gateway``
-    and ``admin`` are the service accounts' (user, password), made at the
-    first start.
+    ``port`` is the service listener (the gateway and operators), and
+    ``router_port`` the password listener of routers and tenants'
+    consumers; every account is in ``password_file``, which both read.
+    ``tls_port`` is the routers' TLS listener. ``gateway`` and ``admin``
+    are the service accounts' (user, password), new for each ``Broker``.
     """
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
         self._fixed_port = port is not None
         self._started = False
+        self.starts = 0
+        """Starts so far: after the first, the broker restores the sessions
+        it kept (persistence)."""
+        self.started_at: datetime | None = None
+        """When the running broker was started (UTC)."""
         self.port = port or free_port()
         self.router_port = free_port()
         self.tls_port = free_port()
@@ -130,7 +136,6 @@ class Broker:
         self.log = data_dir / "mosquitto.log"
         self.pid_file = data_dir / "mosquitto.pid"
         self.password_file = data_dir / "passwd"
-        self.service_password_file = data_dir / "service.passwd"
         self.tls_dir = data_dir / "tls"
         self.gateway = (accounts.GATEWAY, accounts.new_password())
         self.admin = (accounts.ADMIN, accounts.new_password())
@@ -154,15 +159,18 @@ class Broker:
                     self.port = free_port()
             else:
                 self._started = True
+                self.starts += 1
                 return
         self._start(timeout)
         self._started = True
+        self.starts += 1
 
     def _start(self, timeout: float) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._first_files()
         ports = (self.port, self.router_port, self.tls_port)
         self.config.write_text(render(ports, self.data_dir))
+        self.started_at = datetime.now(UTC)
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [mosquitto_binary(), "-c", str(self.config)],
@@ -185,16 +193,15 @@ class Broker:
         raise TimeoutError(f"mosquitto did not listen on {self.port} in {timeout}s")
 
     def _first_files(self) -> None:
-        """The service accounts, an empty password file for routers and
-        consumers, the routers' CA and the server's certificate."""
+        """The service accounts in the password file, the routers' CA and
+        the server's certificate."""
         # The service accounts are written at every start: a broker started
         # again on a directory of an earlier run has this run's passwords
-        # (which broker.env gives), and keeps the routers' accounts.
-        service = accounts.PasswordFile(self.service_password_file)
-        service.set_many(dict([self.gateway, self.admin]))
-        service.save()
-        if not self.password_file.exists():
-            accounts.PasswordFile(self.password_file).save()
+        # (which broker.env gives), and keeps the routers' and consumers'
+        # accounts already in the file.
+        passwords = accounts.PasswordFile(self.password_file)
+        passwords.set_many(dict([self.gateway, self.admin]))
+        passwords.save()
         if not (self.tls_dir / "ca.pem").exists():
             ca = tls.make_ca(self.tls_dir)
             tls.issue(ca, self.tls_dir, "server", "localhost", server=True)
@@ -230,13 +237,13 @@ class Broker:
         )
 
     def write_env(self, path: Path) -> None:
-        """Shell variables for a demo: ports, files, the service accounts."""
+        """Shell variables for a demo: ports, the password and pid files, the
+        service accounts."""
         values = {
             "IRM_BROKER_PORT": self.port,
             "IRM_ROUTER_PORT": self.router_port,
             "IRM_TLS_PORT": self.tls_port,
             "IRM_BROKER_PASSWORD_FILE": self.password_file,
-            "IRM_BROKER_SERVICE_PASSWORD_FILE": self.service_password_file,
             "IRM_BROKER_PID_FILE": self.pid_file,
             "IRM_BROKER_USERNAME": self.gateway[0],
             "IRM_BROKER_PASSWORD": self.gateway[1],
@@ -282,9 +289,9 @@ def main() -> None:
 
     SIGTERM and SIGINT stop Mosquitto too, so a script's cleanup leaves no
     broker behind. The run's files are in DIR: ``broker.env`` holds the
-    listeners' ports, the password files and the pid file, and the gateway's and
-    operator's accounts, for a demo script to source (readable by its owner
-    only; a demo's throwaway accounts).
+    listeners' ports, the password file and the pid file, and the gateway's
+    and operator's accounts, for a demo script to source (readable by its
+    owner only; a demo's throwaway accounts).
     """
     data_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("run/broker")
     port = int(sys.argv[2]) if len(sys.argv) > 2 else None
