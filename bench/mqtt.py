@@ -208,7 +208,9 @@ def run(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     processes = 2
     routers = 400 if quick else 800
     duration = 4.0 if quick else 8.0
-    rates = [500, 1000, 2000, 3000] if quick else [500, 1000, 2000, 3000, 4000, 6000]
+    rates = (
+        [500, 1000, 2000, 3000] if quick else [500, 1000, 2000, 3000, 4000, 5000, 6000]
+    )
     storm_routers = 2000 if quick else 10_000
     tenants = tuple(f"B{i}" for i in range(10))
     figures: dict[str, Any] = {"machine": machine(), "quick": quick}

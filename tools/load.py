@@ -267,10 +267,16 @@ class _Worker:
         for router in self.routers:
             await router.drop()
         start = time.monotonic()
-        for router in self.routers:
+        waiters: list[asyncio.Future[None]] = []
+
+        async def back(router: SimRouter) -> None:
+            # As a router does: hello as soon as its connection is up.
             router.new_session()
-        await asyncio.gather(*(r.connect(keepalive=60) for r in self.routers))
-        await self.hello_all()
+            await router.connect(keepalive=60)
+            waiters.append(self._hello(router))
+
+        await asyncio.gather(*(back(r) for r in self.routers))
+        await self._wait(waiters)
         self.summary.storm_seconds = time.monotonic() - start
         self.summary.storm_same_online = before == self.summary.online
 
