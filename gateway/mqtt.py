@@ -140,6 +140,11 @@ class _Client(gmqtt.Client):  # type: ignore[misc]
         if delay:
             self.reconnect_delay = self.backoff.delay(self.attempts)
             self.attempts += 1
+            log.warning(
+                "broker unreachable",
+                attempt=self.attempts,
+                retry_in=round(self.reconnect_delay, 3),
+            )
         await super().reconnect(delay=delay)
 
 

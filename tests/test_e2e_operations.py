@@ -157,18 +157,21 @@ async def test_bad_input_is_counted_by_kind(broker: Broker, tmp_path: Path) -> N
 async def test_readiness_follows_the_broker_stopped_and_started(
     broker: Broker, tmp_path: Path
 ) -> None:
-    _, _, url = await operated_gateway(broker, tmp_path)
+    _, gateway, url = await operated_gateway(broker, tmp_path)
     await until_status(f"{url}/readyz", 200)
 
     broker.stop()
     body = json.loads(await until_status(f"{url}/readyz", 503))
     alive, _ = await get(f"{url}/healthz")
+    # The gateway says itself that it retries, and when it tries next.
+    retries = await gateway.until_logged("broker unreachable", level="warning")
     broker.start()
     await until_status(f"{url}/readyz", 200)
     page = samples(await until_status(f"{url}/metrics", 200))
 
     assert body == {"ready": False, "reasons": ["broker not connected"]}
     assert alive == 200
+    assert 0 < retries[0]["retry_in"] <= 10
     assert value(page, "irm_broker_reconnects_total") >= 1
     assert value(page, "irm_broker_connected") == 1
 
