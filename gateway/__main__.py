@@ -13,6 +13,7 @@ import asyncio
 import json
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,8 +44,37 @@ log = structlog.get_logger("gateway")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+SQLITE_WORKER = "(_connection_worker_thread)"
+"""How the name of aiosqlite's worker thread ends: threading names a thread
+made without a name ``Thread-N (target)``, after the function it runs."""
+
+
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then finish in-flight hellos and leave."""
+    """Run until SIGTERM or SIGINT, then finish in-flight hellos and leave.
+
+    The loop is not left until the store's worker threads have ended, even
+    when the store could not be opened: aiosqlite's thread hands its last
+    result to the loop, and one still running when :func:`asyncio.run`
+    closes the loop dies with an "Event loop is closed" traceback. A
+    connection that fails to open is stopped without being waited for.
+    """
+    try:
+        await _serve(settings)
+    finally:
+        await _sqlite_workers_ended()
+
+
+async def _sqlite_workers_ended(timeout: float = 5.0) -> None:
+    """Wait, up to ``timeout`` in all, for aiosqlite's threads to end."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for thread in threading.enumerate():
+        remaining = deadline - loop.time()
+        if thread.name.endswith(SQLITE_WORKER) and remaining > 0:
+            await asyncio.to_thread(thread.join, remaining)
+
+
+async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

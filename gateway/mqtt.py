@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import random
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,14 @@ class Inbound:
 
 
 Handler = Callable[[Inbound], Awaitable[None]]
+"""Handles one inbound message; the message is acknowledged when it returns,
+or when it raises anything but :class:`Redeliver`."""
+
+
+class Redeliver(Exception):
+    """Raised by a handler to leave its message unacknowledged, for the broker
+    to deliver it again (after a reconnect, or to the next session): the
+    gateway could not make its decision durable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,15 @@ class _Corked:
         return getattr(self._transport, name)
 
 
+def failure(exc: BaseException) -> dict[str, str]:
+    """What to log of an unexpected exception: its type and where it was
+    raised, not its message, which may quote the payload."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    last = frames[-1] if frames else None
+    where = "?" if last is None else f"{last.filename}:{last.lineno} in {last.name}"
+    return {"error": type(exc).__name__, "where": where}
+
+
 def _cork(client: gmqtt.Client) -> None:
     """Put :class:`_Corked` under a new connection's packet writers.
 
@@ -131,21 +149,68 @@ def _cork(client: gmqtt.Client) -> None:
 
 
 class _Client(gmqtt.Client):  # type: ignore[misc]
-    """gmqtt's client with our backoff on every reconnect path."""
+    """gmqtt's client with our backoff on every reconnect path, after any
+    refusal too.
+
+    gmqtt gives up for good once the broker refuses a login with a code it
+    deems permanent (bad user name or password, not authorised, banned):
+    it neither reconnects nor tells its caller. For the gateway no refusal
+    is permanent: an operator who rotates its account, or fixes a broken
+    one, expects it back without a restart, and a gateway that stays
+    silently disconnected keeps its routers waiting for ever (systemd
+    restarts only a process that exits). So every refusal is retried, with
+    the same capped, jittered backoff as a lost connection, and logged.
+    """
 
     backoff = Backoff()
     attempts = 0
+    account: str | None = None
+    """The broker account it logs in as, named in its warnings (never the
+    password)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._package_handler._is_retryable_connack = _always
+        self._problem: str | None = None
+
+    async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """gmqtt's, remembering why a connection could not be made."""
+        self._problem = None
+        try:
+            return await super()._create_connection(*args, **kwargs)
+        except OSError as exc:
+            self._problem = str(exc) or type(exc).__name__
+            raise
+
+    def reason(self) -> str:
+        """Why the last attempt failed: the broker's refusal, the network's
+        error, or a connection that was lost."""
+        if self._problem is not None:
+            return self._problem
+        refusal = self._package_handler._error
+        return "connection lost" if refusal is None else str(refusal)
 
     async def reconnect(self, delay: bool = False) -> None:
-        if delay:
+        # gmqtt asks for a reconnect from several places for one failure (a
+        # refusal, then the closed socket); only the first one goes on.
+        if delay and self._allow_reconnect():
             self.reconnect_delay = self.backoff.delay(self.attempts)
             self.attempts += 1
             log.warning(
                 "broker unreachable",
+                reason=self.reason(),
+                account=self.account,
                 attempt=self.attempts,
                 retry_in=round(self.reconnect_delay, 3),
             )
+            # A refusal is not remembered past its own attempt.
+            self._package_handler.reset_error_state()
         await super().reconnect(delay=delay)
+
+
+def _always(result: int) -> bool:
+    """Every CONNACK refusal is worth retrying (see :class:`_Client`)."""
+    return True
 
 
 class Mqtt:
@@ -197,27 +262,41 @@ class Mqtt:
         self._client.set_config({"reconnect_retries": UNLIMITED_RECONNECTS})
         if credentials is not None:
             self._client.set_auth_credentials(*credentials)
+            self._client.account = credentials[0]
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
 
     async def __aenter__(self) -> Mqtt:
-        """Connect, retrying with backoff until connected or :meth:`give_up`."""
+        """Connect, retrying with backoff until connected or :meth:`give_up`.
+
+        Until a first connection is made, the retries are ours; once the
+        broker answered at all, gmqtt retries (with our backoff, after a
+        refusal too: :class:`_Client`) and this waits for it.
+        """
         attempt = 0
         while not self._closing.is_set():
             try:
                 await self._client.connect(
                     self._host, self._port, keepalive=self._keepalive, version=MQTTv50
                 )
-            except (OSError, gmqtt.mqtt.handler.MQTTConnectError) as exc:
+            except OSError as exc:
                 delay = self._client.backoff.delay(attempt)
                 attempt += 1
-                log.warning("broker unreachable", error=str(exc), retry_in=delay)
+                log.warning(
+                    "broker unreachable",
+                    reason=str(exc) or type(exc).__name__,
+                    account=self._client.account,
+                    attempt=attempt,
+                    retry_in=round(delay, 3),
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), delay)
-            else:
-                await self._until(self._connected)
-                break
+                continue
+            except gmqtt.mqtt.handler.MQTTConnectError:
+                pass  # refused: the client has logged it, and retries itself
+            await self._until(self._connected)
+            break
         return self
 
     @property
@@ -308,7 +387,16 @@ class Mqtt:
             response[0] if response else None,
             correlation[0] if correlation else None,
         )
-        await self._handler(message)
+        try:
+            await self._handler(message)
+        except Redeliver:
+            raise  # gmqtt sends no PUBACK for a handler that raised
+        except Exception as exc:
+            # Unacknowledged, the broker would deliver it again and again,
+            # to this session and every later one: a poison message.
+            log.error(  # noqa: TRY400 - no trace: it could quote the payload
+                "message handling failed", topic=topic, **failure(exc)
+            )
         return 0
 
     def _on_connect(

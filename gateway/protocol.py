@@ -24,7 +24,14 @@ import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+)
+from pydantic_core import PydanticCustomError
 
 from policy.admission import Cause, Reason, Verdict
 from policy.errors import BadInput
@@ -55,18 +62,49 @@ def refuse_reserved(router: str) -> None:
         )
 
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""Unicode's control characters (C0, DEL and C1), which no session or ref
+may hold: they would reach logs, replies and operators' terminals."""
+
+
+def _printable(text: str) -> str:
+    found = CONTROL.search(text)
+    if found is not None:
+        raise PydanticCustomError(
+            "control_character",
+            "must be printable: control character U+{code} at position {at}",
+            {"code": f"{ord(found[0]):04X}", "at": found.start()},
+        )
+    return text
+
+
+Printable = AfterValidator(_printable)
+
+
+def _version_one(value: object) -> object:
+    # Literal[1] takes true and 1.0 too, being equal to 1, strict or not.
+    if type(value) is not int or value != 1:
+        raise PydanticCustomError("version", "must be the integer 1")
+    return value
+
+
+VersionOne = Annotated[Literal[1], BeforeValidator(_version_one)]
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-Session = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-Ref = Annotated[str, StringConstraints(max_length=128)]
+Session = Annotated[str, StringConstraints(min_length=1, max_length=64), Printable]
+Ref = Annotated[str, StringConstraints(max_length=128), Printable]
 
 Kind = Literal["hello", "heartbeat", "goodbye"]
 INBOUND: tuple[Kind, ...] = ("hello", "heartbeat", "goodbye")
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    """What a router sends. Strict: each field must have its JSON type (``v``
+    the number 1, not ``true`` or ``1.0``; strings strings; ``will`` true or
+    false), since a lenient reading would accept what firmware never meant."""
 
-    v: Literal[1]
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    v: VersionOne
     tenant: Name | None = None
     router: Name | None = None
     session: Session

@@ -35,7 +35,7 @@ from gateway.config import Settings
 from gateway.flood import Limiter
 from gateway.flood import Verdict as Flood
 from gateway.metrics import Metrics
-from gateway.mqtt import Inbound, Mqtt
+from gateway.mqtt import Inbound, Mqtt, Redeliver, failure
 from gateway.protocol import Goodbye, Heartbeat, Hello
 from policy.admission import (
     Admission,
@@ -266,12 +266,41 @@ class Gateway:
     # -- receiving ---------------------------------------------------------
 
     async def _on_message(self, inbound: Inbound) -> None:
-        """Validate and queue; returns once the decision is durable."""
-        item = self._parse(inbound)
+        """Validate and queue; returns once the decision is durable.
+
+        Returning acknowledges the message, so a message that could not be
+        handled is acknowledged too (:meth:`_handling_failed`): left unacknowledged,
+        the broker would deliver it again, to this session and every later
+        one. Only a decision that could not be stored leaves it so.
+        """
+        try:
+            item = self._parse(inbound)
+        except Exception as exc:
+            self._handling_failed(inbound, exc)
+            return
         if item is None:
             return
         self._queue.put_nowait(item)
-        await item.done
+        try:
+            await item.done
+        except Exception as exc:
+            raise Redeliver("the decision could not be stored") from exc
+
+    def _handling_failed(self, inbound: Inbound, exc: Exception) -> None:
+        """A message whose handling raised: logged as an error (its topic,
+        never its payload), counted as bad input, and a hello refused."""
+        self.bad_input["unhandled"] += 1
+        log.error("message handling failed", topic=inbound.topic, **failure(exc))
+        parts = protocol.split_topic(self.settings.prefix, inbound.topic)
+        if parts is None or parts[2] != "hello":
+            return
+        detail = "the gateway could not handle this hello: do not send it again"
+        try:
+            self._refuse(parts[0], parts[1], Reason.MALFORMED_HELLO, inbound, detail)
+        except Exception as again:
+            log.error(  # noqa: TRY400 - no trace: it could quote the payload
+                "refusal failed", topic=inbound.topic, **failure(again)
+            )
 
     def _parse(self, inbound: Inbound) -> _Item | None:
         parts = protocol.split_topic(self.settings.prefix, inbound.topic)
@@ -431,6 +460,17 @@ class Gateway:
             item.done.set_result(None)
 
     def _decide_one(self, item: _Item, now: datetime, batch: _Batch) -> None:
+        """Decide one message into ``batch``, whatever it raises: a message
+        whose decision failed is refused like one that could not be read
+        (:meth:`_handling_failed`), and the rest of the batch goes on."""
+        try:
+            self._decide_message(item, now, batch)
+        except Exception as exc:
+            self._handling_failed(item.inbound, exc)
+
+    def _decide_message(self, item: _Item, now: datetime, batch: _Batch) -> None:
+        """The core's events join ``batch`` as soon as they are made, so that
+        what it decided is stored even if something after it fails."""
         tenant, router, message = item.tenant, item.router, item.message
         if tenant not in self.admission.lines:
             if item.kind == "hello":
@@ -443,6 +483,7 @@ class Gateway:
             return
         if isinstance(message, Hello):
             outcome = self.admission.hello(tenant, router, message.session, now)
+            batch.events += outcome.events
             assert outcome.verdict is not None
             if outcome.events and isinstance(outcome.events[0], Joined):
                 self._watch_takeovers(outcome.events[0], now)
@@ -451,6 +492,7 @@ class Gateway:
             self._reply(batch, item, reply)
         elif isinstance(message, Heartbeat):
             outcome = self.admission.heartbeat(tenant, router, message.session, now)
+            batch.events += outcome.events
             if outcome.stale:
                 self._bad("stale_heartbeat", tenant, router)
                 reply = protocol.refusal(
@@ -463,9 +505,9 @@ class Gateway:
             outcome = self.admission.goodbye(
                 tenant, router, message.session, message.will, now
             )
+            batch.events += outcome.events
             if outcome.stale:
                 self._bad("stale_goodbye", tenant, router)
-        batch.events += outcome.events
 
     def _watch_takeovers(self, joined: Joined, now: datetime) -> None:
         """Flag a router whose session keeps being replaced.
@@ -630,7 +672,7 @@ def _ref_of(payload: bytes) -> str | None:
         return None
     try:
         loaded = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past reading
         return None
     ref = loaded.get("ref") if isinstance(loaded, dict) else None
     return ref if isinstance(ref, str) and len(ref) <= MAX_REF else None

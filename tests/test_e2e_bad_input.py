@@ -34,10 +34,12 @@ JSON = st.recursive(
 )
 NOT_A_SESSION = (
     st.none() | st.integers() | st.lists(st.text(), max_size=2) | st.just("")
-)
+    | st.sampled_from(["a\x00b", "\x1b[31m", "s\n", "\x7f", "s\x85"])
+)  # fmt: skip
 NOT_VERSION_ONE = (
     st.none() | st.integers().filter(lambda v: v != 1) | st.text(max_size=3)
-)
+    | st.sampled_from([True, 1.0, "1", [1]])
+)  # fmt: skip
 BAD_NAME = st.sampled_from(["T 8", "T8!", "-T8", "a" * 65, "T8/x", "ü"])
 
 
@@ -184,6 +186,17 @@ async def test_malformed_hello_is_answered_with_a_reason_naming_the_problem(
     cases = [
         (b'{"v": 1, "ref": "r7"}', "malformed_hello", "session"),
         (b"not json", "malformed_hello", "json"),
+        (
+            b'{"v": true, "session": "s", "ref": "r7"}',
+            "malformed_hello",
+            "v: must be the integer 1",
+        ),
+        (b'{"v": 1.0, "session": "s"}', "malformed_hello", "v: must be the integer 1"),
+        (
+            b'{"v": 1, "session": "s\\u0000"}',
+            "malformed_hello",
+            "session: must be printable",
+        ),
         (b'{"v": 1, "session": "s", "tenant": "T9"}', "topic_mismatch", "differs"),
     ]
     for payload, reason, words in cases:
@@ -241,3 +254,35 @@ def _draw_hellos(count: int) -> list[tuple[str, bytes]]:
 
     draw()
     return drawn
+
+
+DEEP_HELLO = (
+    b'{"v":1,"ref":"deep","session":"s1","x":' + b"[" * 1900 + b"]" * 1900 + b"}"
+)
+"""Under the size limit, but nested deeper than any JSON reader recurses."""
+
+
+async def test_a_deeply_nested_hello_is_refused_once_and_never_delivered_again(
+    broker: Broker, tmp_path: Path
+) -> None:
+    assert len(DEEP_HELLO) < 4096
+    _, gateway = await started_gateway(broker, tmp_path)
+    router = sim_router(broker, "T8", "R01")
+    await router.connect()
+
+    router.publish_raw("hello", DEEP_HELLO)
+    refused = await router.next_decision()
+    assert (refused.decision, refused.reason) == ("reject", "malformed_hello")
+    assert "json" in (refused.detail or "").lower()
+    assert gateway.stop() == 0
+
+    # Acknowledged: the gateway's persistent session has nothing to redeliver,
+    # so the next answer the router hears is the one to its next hello.
+    await gateway.start()
+    ref = router.hello()
+    answer = await router.next_decision()
+    assert (answer.ref, answer.decision) == (ref, "accept")
+    assert not [line for line in gateway.log_lines() if line["level"] == "error"]
+    assert "[[[" not in gateway.log.read_text()
+    await router.disconnect()
+    assert gateway.stop() == 0

@@ -602,3 +602,45 @@ def test_a_broker_started_again_on_an_earlier_runs_directory_admits_its_own(
             server.stop()
 
     assert answers == [accounts.CONNACK_ACCEPTED] * 2
+
+
+async def test_a_router_rotated_or_revoked_while_connected_is_cut_off_at_the_reload(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Mosquitto (2.0.11) checks connected clients against the password file
+    it rereads: one whose password no longer matches is disconnected at once,
+    without its last will, so its seat stays until its lease runs out; the
+    others keep their connections."""
+    await started_gateway(broker, tmp_path)
+    tool = [
+        str(BIN / "irm-tool"), "accounts", "--password-file",
+        str(broker.password_file), "--pid-file", str(broker.pid_file), "--json",
+    ]  # fmt: skip
+    routers = {name: sim_router(broker, "T8", name) for name in ("R01", "R02", "R03")}
+    for router in routers.values():
+        await router.connect()
+        assert (await router.ask())[0].decision == "accept"
+    cut_off = {name: asyncio.Event() for name in ("R01", "R02")}
+    for name, event in cut_off.items():
+        routers[name]._client.on_disconnect = lambda *_, e=event: e.set()
+
+    async with Everything(broker) as seen, PresenceWatch(broker, "T8") as presence:
+        for action, name in (("rotate", "R01"), ("revoke", "R02")):
+            subprocess.run(
+                [*tool, action, "--tenant", "T8", name],
+                capture_output=True, text=True, check=True, timeout=60,
+            )  # fmt: skip
+        async with asyncio.timeout(10):
+            for event in cut_off.values():
+                await event.wait()
+        # Any will of theirs went out when they were cut off; R03's goodbye,
+        # sent after, shows what the gateway made of it.
+        routers["R03"].goodbye()
+        await presence.until(lambda p: p.latest()["R03"].state == "offline")
+
+    goodbyes = {t for t in seen.topics() if t.endswith("/goodbye")}
+    assert goodbyes == {f"{PREFIX}/T8/R03/goodbye"}
+    latest = presence.latest()
+    assert (latest["R01"].state, latest["R02"].state) == ("online", "online")
+    for router in routers.values():
+        await router.disconnect()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 import pytest
 
@@ -100,3 +102,60 @@ async def test_closing_sends_what_is_held_first_and_nothing_after() -> None:
 
     assert transport.calls == [("write", b"disconnect"), ("close", b"")]
     assert corked.is_closing()
+
+
+async def test_a_message_whose_handler_raises_is_acknowledged_once(
+    broker: Broker,
+) -> None:
+    """Unacknowledged, it would come back to every later session for ever."""
+    seen: list[bytes] = []
+    arrived = asyncio.Event()
+    subscribed = asyncio.Event()
+
+    async def handler(message: Inbound) -> None:
+        if message.topic.endswith("/probe"):
+            subscribed.set()
+            return
+        seen.append(message.payload)
+        arrived.set()
+        if message.payload == b"poison":
+            raise RecursionError("maximum recursion depth exceeded")
+
+    async def connected() -> None:
+        return None
+
+    async def session() -> Mqtt:
+        mqtt = Mqtt(
+            "seam-poison", "127.0.0.1", broker.port, handler, connected,
+            credentials=broker.gateway,
+        )  # fmt: skip
+        await mqtt.__aenter__()
+        mqtt.subscribe("irm/v1/_seam/#")
+        return mqtt
+
+    sender = await mqtt_client(broker, broker.gateway)
+    mqtt = await session()
+    async with asyncio.timeout(10):  # until the subscription is in place
+        while not subscribed.is_set():
+            sender.publish("irm/v1/_seam/probe", b"", qos=1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(subscribed.wait(), 0.1)
+    for payload in (b"poison", b"after"):
+        await _delivered(arrived, sender, payload)
+    await mqtt.close()
+
+    # The same persistent session again: nothing of the first is redelivered,
+    # so the first message it hears is the one sent now.
+    mqtt = await session()
+    await _delivered(arrived, sender, b"next")
+    await mqtt.close()
+    await sender.disconnect()
+
+    assert seen == [b"poison", b"after", b"next"]
+
+
+async def _delivered(arrived: asyncio.Event, sender: Any, payload: bytes) -> None:
+    """Send ``payload`` and wait until the handler had it."""
+    arrived.clear()
+    sender.publish("irm/v1/_seam/x", payload, qos=1)
+    await asyncio.wait_for(arrived.wait(), 10)
