@@ -5,7 +5,10 @@ habits: a byte-order mark, UTF-16 ("Unicode text"), cp1252, ``;`` or tab
 between fields, CRLF or CR line ends, quoted fields, blank and
 delimiter-only lines, and headers in English or German. Reading turns any
 of these into :class:`CsvRow` values with the physical line number an
-editor shows, or raises :class:`CsvImportError` listing every bad line.
+editor shows, or raises :class:`CsvImportError` listing every bad line
+(:func:`read_sales_rows` returns the bad lines' problems beside the good
+rows instead, for the import to add its own). A file or a line far larger
+than any sales CSV has is refused before it is parsed.
 
 Nothing here verifies a code or compares the other columns with it; that
 is :mod:`policy.imports`.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -105,6 +109,21 @@ _HEADER_NAMES = {
 }
 
 DELIMITERS = (",", ";", "\t")
+_DELIMITER_NAMES = {",": "','", ";": "';'", "\t": "tab"}
+# Other characters people separate fields with, to name in an error.
+_OTHER_DELIMITERS = ("|", ":", "#", "/", "^", "~", "!")
+MAX_FILE_BYTES = 64 * 1024 * 1024
+"""The largest file read: 100,000 codes (a vendor's most at once) take
+about 33 MB as UTF-8 and twice that as UTF-16 ("Unicode text"), so a
+larger file is no sales CSV; it is refused before it is read."""
+MAX_LINE_CHARS = 10_000
+"""The longest line read: a row of the sales CSV is about 330 characters."""
+LIMITS_TEXT = (
+    f"at most {MAX_FILE_BYTES // (1024 * 1024)} MiB and {MAX_LINE_CHARS:,} "
+    "characters a line"
+)
+"""The limits, said for help texts."""
+_LONG_LINE = re.compile(f"[^\r\n]{{{MAX_LINE_CHARS + 1}}}")
 # The sniffer's time grows with the lines it sees (it tallies every
 # character per line) and, for its quote patterns, with the square of the
 # characters: on 4,096 quote-and-newline characters it took over a second.
@@ -172,36 +191,80 @@ def write_sales_csv(
 
 def read_sales_csv(data: bytes) -> list[CsvRow]:
     """Read a sales CSV from a spreadsheet; every bad line is reported."""
+    rows, problems = read_sales_rows(data)
+    if problems:
+        raise CsvImportError(problems)
+    return rows
+
+
+def read_sales_rows(data: bytes) -> tuple[list[CsvRow], list[tuple[int, str]]]:
+    """The good rows of a sales CSV, and every problem of the bad ones, by line.
+
+    A file that cannot be read as a whole (too large, not text, no header)
+    raises :class:`CsvImportError`; a bad row is returned as a problem, so
+    that the caller can add the problems it finds in the good rows and
+    report them all at once.
+    """
+    if len(data) > MAX_FILE_BYTES:
+        raise _refused(1, _too_large(len(data)))
     text = _decode(data)
-    records, problems = _records(text, _delimiter(text))
+    _check_line_lengths(text)
+    delimiter = _delimiter(text)
+    records, problems = _records(text, delimiter)
     if not records:
         raise CsvImportError(problems or [(1, "the file is empty")])
 
     try:
-        layout = _layout(*records[0])
+        layout = _layout(*records[0], delimiter)
     except CsvImportError as exc:
-        raise CsvImportError([*exc.problems, *problems]) from exc
+        raise CsvImportError(_by_line([*exc.problems, *problems])) from exc
     rows: list[CsvRow] = []
     for line, cells in records[1:] if layout.has_header else records:
-        try:
-            rows.append(_row(line, cells, layout))
-        except _BadRow as bad:
-            problems.append((line, str(bad)))
+        row, bad = _row(cells, layout, line)
+        problems += [(line, why) for why in bad]
+        if row is not None:
+            rows.append(row)
 
     if not rows and not problems:
         problems.append((layout.line, "the header has no rows of codes below it"))
-    if problems:
-        raise CsvImportError(sorted(problems, key=lambda problem: problem[0]))
-    return rows
+    return rows, _by_line(problems)
 
 
-class _BadRow(Exception):
-    """One row is unusable; the reason becomes a problem of the import."""
+def _by_line(problems: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    # Stable: a line's problems stay in the order they were found.
+    return sorted(problems, key=lambda problem: problem[0])
 
 
 def _refused(line: int, reason: str) -> CsvImportError:
     """The error for a file that cannot be read past ``line`` at all."""
     return CsvImportError([(line, reason)])
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"the file is {size / (1024 * 1024):.1f} MiB, larger than the "
+        f"{MAX_FILE_BYTES // (1024 * 1024)} MiB a sales CSV can be (100,000 "
+        "codes take about 33 MiB): it is not a sales CSV, or split it"
+    )
+
+
+def check_file_size(size: int) -> None:
+    """Refuse a file larger than any sales CSV before reading it."""
+    if size > MAX_FILE_BYTES:
+        raise _refused(1, _too_large(size))
+
+
+def _check_line_lengths(text: str) -> None:
+    """Refuse a line far longer than any row of a sales CSV, before parsing."""
+    found = _LONG_LINE.search(text)
+    if found is None:
+        return
+    raise _refused(
+        _line_of(text, found.start()),
+        f"the line is longer than {MAX_LINE_CHARS:,} characters, the most a "
+        "line of a sales CSV may have (a row is about 330): this is not a "
+        "sales CSV",
+    )
 
 
 def _decode(data: bytes) -> str:
@@ -248,8 +311,12 @@ def _decode_text(data: bytes) -> str:
 
 def _line_of(text: str, index: int) -> int:
     """The physical line holding ``text[index]``, counted as csv counts."""
-    before = text[:index]
-    return 1 + before.count("\n") + before.count("\r") - before.count("\r\n")
+    return (
+        1
+        + text.count("\n", 0, index)
+        + text.count("\r", 0, index)
+        - text.count("\r\n", 0, index)
+    )
 
 
 def _physical_lines(text: str) -> Iterator[str]:
@@ -346,7 +413,7 @@ def _looks_like_code(cell: str) -> bool:
     return normalize(cell).upper().startswith(f"{PREFIX}.")
 
 
-def _layout(line: int, cells: list[str]) -> _Layout:
+def _layout(line: int, cells: list[str], delimiter: str) -> _Layout:
     columns = [_column_of(cell) for cell in cells]
     if not any(columns):
         codes = [i for i, cell in enumerate(cells) if _looks_like_code(cell)]
@@ -355,7 +422,8 @@ def _layout(line: int, cells: list[str]) -> _Layout:
         raise _refused(
             line,
             "the first line is neither a header naming the code column "
-            "(such as 'code' or 'Lizenzcode') nor a license code",
+            "(such as 'code' or 'Lizenzcode') nor a license code, "
+            f"{_delimiters_said(cells, delimiter)}",
         )
 
     problems: list[tuple[int, str]] = []
@@ -377,7 +445,7 @@ def _layout(line: int, cells: list[str]) -> _Layout:
             found += f" and {len(cells) - 12} more"
         why = (
             "the header has no code column (such as 'code' or 'Lizenzcode'); "
-            f"its columns are {found}"
+            f"its columns are {found}, {_delimiters_said(cells, delimiter)}"
         )
         problems.append((line, why))
     if problems:
@@ -387,23 +455,53 @@ def _layout(line: int, cells: list[str]) -> _Layout:
     return _Layout(line, len(cells), code, where, has_header=True)
 
 
-def _row(line: int, cells: list[str], layout: _Layout) -> CsvRow:
+def _delimiters_said(cells: list[str], delimiter: str) -> str:
+    """How the line was split, and which delimiters are recognised at all."""
+    names = [_DELIMITER_NAMES[d] for d in DELIMITERS]
+    known = f"{', '.join(names[:-1])} and {names[-1]}"
+    if len(cells) > 1:
+        shown = _DELIMITER_NAMES[delimiter]
+        return f"read with {shown} as the delimiter (those recognised: {known})"
+    said = f"read as one field: it holds none of the delimiters recognised, {known}"
+    line = "".join(cells)
+    others = [d for d in _OTHER_DELIMITERS if d in line]
+    if others:
+        shown = " and ".join(repr(d) for d in others[:2])
+        said += (
+            f"; it holds {shown}, which a sales CSV may not use between "
+            "fields: save the file with ',' or ';' as the delimiter"
+        )
+    return said
+
+
+def _row(
+    cells: list[str], layout: _Layout, line: int
+) -> tuple[CsvRow | None, list[str]]:
+    """The row, if it is good, and every problem it has.
+
+    A row with the wrong number of fields is not checked further: its
+    values may sit in other columns than the header says.
+    """
     of = "the header" if layout.has_header else f"line {layout.line}"
+    problems: list[str] = []
     extra = cells[layout.width :]
     if any(cell.strip() for cell in extra):
-        raise _BadRow(
+        problems.append(
             f"has {len(cells)} fields where {of} has {layout.width} "
             "(a value holding the delimiter without quotes?)"
         )
-    if len(cells) < layout.width:
-        raise _BadRow(f"has {len(cells)} fields where {of} has {layout.width}")
+    elif len(cells) < layout.width:
+        problems.append(f"has {len(cells)} fields where {of} has {layout.width}")
 
-    code = normalize(cells[layout.code])
+    cell = cells[layout.code] if layout.code < len(cells) else ""
+    code = normalize(cell)
     if not code:
-        raise _BadRow("the license code is empty")
+        problems.append("the license code is empty")
+    if problems:
+        return None, problems
     declared = {
         column: cells[index].strip()
         for column, index in layout.declared.items()
         if cells[index].strip()
     }
-    return CsvRow(line, code, declared)
+    return CsvRow(line, code, declared), []

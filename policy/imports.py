@@ -2,14 +2,17 @@
 
 An import runs in two steps, both pure:
 
-1. :func:`decode_rows` verifies each row's code and compares the columns
+1. :func:`decode_csv` reads the file (:mod:`policy.csvimport`), and
+   :func:`decode_rows` verifies each row's code and compares the columns
    the row declares (kind, capacity, ...) with what the code says.
 2. :func:`plan_import` weighs the good rows against the store's facts
    (handed in, never read here) and ``now``: a code twice in the file, a
    code another tenant redeemed, a code past its stock limit.
 
-If any row is bad, :class:`CsvImportError` lists every bad row by line and
-nothing is imported. A code the tenant already holds is no error: the plan
+If any row is bad, :class:`CsvImportError` lists every problem of every
+bad row, by line, found by the reading, the decoding and the planning
+alike (a row with an empty code hides no other row), and nothing is
+imported. A code the tenant already holds is no error: the plan
 reports it as already present, and importing it again changes nothing.
 :func:`plan_code` is the same path for one pasted code.
 """
@@ -24,7 +27,7 @@ from datetime import UTC, date, datetime
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from policy.codes import CodePayload, normalize, verify
-from policy.csvimport import CsvRow
+from policy.csvimport import CsvRow, read_sales_rows
 from policy.errors import CodeError, CsvImportError, RuleViolation
 from policy.licenses import Kind, License, check_redeemable
 from policy.timeutil import utc
@@ -75,6 +78,20 @@ def decode_rows(
         else:
             good.append((row.line, payload, normalize(row.code)))
     return good, problems
+
+
+def decode_csv(
+    data: bytes, public_key: Ed25519PublicKey
+) -> tuple[list[Good], list[Problem]]:
+    """Read a sales CSV and decode its rows: the good ones, and every problem.
+
+    A file that cannot be read at all raises :class:`CsvImportError`; the
+    problems of its rows, whether the reading or the decoding found them,
+    are returned together by line, for :func:`plan_import`.
+    """
+    rows, problems = read_sales_rows(data)
+    good, bad = decode_rows(rows, public_key)
+    return good, sorted([*problems, *bad], key=lambda problem: problem[0])
 
 
 def plan_import(

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime, time
 from enum import StrEnum
 
 from policy.errors import RuleViolation
-from policy.timeutil import add_local_months, add_months, to_text
+from policy.timeutil import add_local_months, add_months, to_text, utc
 
 STOCK_MONTHS = 24
 FREE_MAX_CAPACITY = 1000
@@ -185,13 +185,20 @@ def next_change_after(licenses: Iterable[License], now: datetime) -> datetime | 
     return min((c for c in candidates if c > now), default=None)
 
 
+def stock_rule(lic: License) -> str:
+    """The stock limit rule, said of one license, for an error message."""
+    return (
+        f"a license must become active within {STOCK_MONTHS} months (2 years) of "
+        f"its issue date, and license {lic.id} was issued {to_text(lic.issued_at)}"
+    )
+
+
 def check_redeemable(lic: License, now: datetime) -> None:
     """Refuse to import a code whose stock time has run out."""
     if now >= lic.stock_limit:
         raise RuleViolation(
-            f"license {lic.id} was issued {to_text(lic.issued_at)} and its "
-            f"{STOCK_MONTHS}-month stock limit passed at {to_text(lic.stock_limit)}:"
-            " it is non-redeemable"
+            f"license {lic.id} is non-redeemable: {stock_rule(lic)}; that stock "
+            f"limit passed at {to_text(lic.stock_limit)}"
         )
 
 
@@ -214,6 +221,12 @@ def activate(
             f"active in this tenant from {to_text(paid_from)}, and Cloud Free is "
             "never combined with paid licenses"
         )
+    if state is State.NON_REDEEMABLE:
+        raise RuleViolation(
+            f"license {lic.id} is non-redeemable; only available licenses can be "
+            f"activated: {stock_rule(lic)}; that stock limit passed at "
+            f"{to_text(lic.stock_limit)}"
+        )
     if state is not State.AVAILABLE:
         raise RuleViolation(
             f"license {lic.id} is {state}; only available licenses can be activated"
@@ -222,10 +235,18 @@ def activate(
         raise RuleViolation(
             f"activation instant {to_text(at)} is in the past (now is {to_text(now)})"
         )
+    issue_day = datetime.combine(utc(lic.issued_at).date(), time(0), tzinfo=UTC)
+    if at < issue_day:
+        raise RuleViolation(
+            f"activation instant {to_text(at)} is before the issue date "
+            f"{issue_day.date().isoformat()} of license {lic.id} (issued "
+            f"{to_text(lic.issued_at)}): a license cannot become active before "
+            "the day it was issued"
+        )
     if at >= lic.stock_limit:
         raise RuleViolation(
             f"activation instant {to_text(at)} is past the stock limit "
-            f"{to_text(lic.stock_limit)} of license {lic.id}"
+            f"{to_text(lic.stock_limit)} of license {lic.id}: {stock_rule(lic)}"
         )
     scheduled = replace(lic, activation_at=at)
     if lic.kind is Kind.FREE:

@@ -231,6 +231,80 @@ def test_a_csv_with_bad_rows_lists_every_bad_line_and_stores_nothing(
     assert tool.licenses() == {}
 
 
+def test_an_empty_code_hides_no_other_bad_row_of_a_csv(
+    tool: Tool, tmp_path: Path
+) -> None:
+    """The tester's file: the empty code at line 7 was all it reported."""
+    good = code("L1")
+    head, body, signature = code("L2").split(".")
+    altered = f"{head}.{body[:-2]}{'A' if body[-2] != 'A' else 'B'}{body[-1]}"
+    rows = [
+        "license_id;kind;code",
+        f"L1;Cloud Basic 1;{good}",
+        f"L2;Cloud Basic 1;{code('L2', key=Ed25519PrivateKey.generate())}",
+        f"L1;Cloud Basic 1;{good}",
+        "L4;Cloud Basic 1;not-a-code",
+        f"L2;Cloud Basic 1;{altered}.{signature}",
+        "L6;Cloud Basic 1;",
+        f"L7;Cloud Basic 1;{code('L7')[:50]}",
+        f"L8;Cloud Basic 1;{code('L8', Kind.BASIC_25)}",
+        f"L9;Cloud;Basic 1;{code('L9')}",
+        f"L10;Cloud Basic 1;{code('L10')}",
+    ]
+    path = tmp_path / "sales.csv"
+    path.write_text("\r\n".join(rows) + "\r\n")
+
+    result = tool.fails("import", "--tenant", "acme", "--csv", str(path))
+
+    assert "8 bad row(s), nothing imported" in result.stderr
+    bad = [line.strip() for line in result.stderr.splitlines() if "  line " in line]
+    assert [line.split(":")[0] for line in bad] == [f"line {n}" for n in range(3, 11)]
+    assert "forged or was altered" in bad[0]
+    assert "repeats line 2" in bad[1]
+    assert "not a code of this product" in bad[2]
+    assert "forged or was altered" in bad[3]
+    assert "the license code is empty" in bad[4]
+    assert "damaged" in bad[5]
+    assert "Cloud Basic 25" in bad[6]
+    assert "has 4 fields where the header has 3" in bad[7]
+    assert "line 11" not in result.stderr  # L10 is good
+    assert tool.licenses() == {}
+
+
+def test_a_pipe_delimited_csv_is_refused_naming_the_delimiters(
+    tool: Tool, tmp_path: Path
+) -> None:
+    path = tmp_path / "sales.csv"
+    path.write_text(f"code|kind\n{code('L1')}|Cloud Basic 1\n")
+
+    result = tool.fails("import", "--tenant", "acme", "--csv", str(path))
+
+    assert "line 1: the first line is neither a header" in result.stderr
+    assert "',', ';' and tab" in result.stderr
+    assert "'|'" in result.stderr
+    assert tool.licenses() == {}
+
+
+def test_a_csv_larger_than_any_sales_file_is_refused_unread(
+    tool: Tool, tmp_path: Path
+) -> None:
+    path = tmp_path / "huge.csv"
+    with path.open("wb") as out:  # sparse: nothing is written
+        out.truncate(200 * 1024 * 1024)
+
+    result = tool.fails("import", "--tenant", "acme", "--csv", str(path))
+
+    assert "the file is 200.0 MiB, larger than the 64 MiB" in result.stderr
+    assert tool.licenses() == {}
+
+
+def test_the_import_help_names_the_file_limits() -> None:
+    result = CliRunner(env=CLEAN_ENV).invoke(cli, ["import", "--help"])
+
+    said = " ".join(result.stdout.split())
+    assert "at most 64 MiB and 10,000 characters a line" in said
+
+
 def test_a_dry_run_reports_the_import_and_writes_nothing(
     tool: Tool, tmp_path: Path
 ) -> None:
@@ -279,13 +353,210 @@ def test_activating_at_a_bare_date_schedules_midnight_in_the_tenant_zone(
     assert tool.licenses(now="2025-11-30T23:00:00Z")["L1"]["state"] == "active"
 
 
-def test_activation_past_the_stock_limit_is_refused(tool: Tool) -> None:
+def test_activation_past_the_stock_limit_is_refused_saying_what_that_is(
+    tool: Tool,
+) -> None:
     tool.add("acme", code("L1"))
 
     result = tool.fails("activate", "--tenant", "acme", "L1", "--at", "2027-01-11")
 
-    assert "stock limit 2027-01-10T00:00:00Z of license L1" in result.stderr
+    said = " ".join(result.stderr.split())
+    assert "stock limit 2027-01-10T00:00:00Z of license L1" in said
+    assert "must become active within 24 months (2 years) of its issue date" in said
+    assert "license L1 was issued 2025-01-10T00:00:00Z" in said
     assert tool.licenses()["L1"]["state"] == "available"
+
+
+def test_a_license_past_its_stock_limit_says_when_it_passed(tool: Tool) -> None:
+    tool.add("acme", code("L1"))
+
+    result = tool.fails("activate", "--tenant", "acme", "L1", now="2027-02-01")
+
+    said = " ".join(result.stderr.split())
+    assert "license L1 is non-redeemable" in said
+    assert "within 24 months (2 years) of its issue date" in said
+    assert "stock limit passed at 2027-01-10T00:00:00Z" in said
+
+
+@pytest.mark.parametrize(
+    ("at", "said"),
+    [
+        (
+            "2026-03-29T02:30",
+            "'2026-03-29T02:30' does not exist in time zone Europe/Berlin: the "
+            "clocks go forward that day",
+        ),
+        (
+            "2026-10-25T02:30",
+            "'2026-10-25T02:30' is ambiguous in time zone Europe/Berlin: the "
+            "clocks go back that day",
+        ),
+    ],
+    ids=["skipped-in-spring", "repeated-in-autumn"],
+)
+def test_a_wall_time_the_clock_change_skips_or_repeats_is_refused(
+    tool: Tool, at: str, said: str
+) -> None:
+    tool.add("acme", code("L1"))
+
+    result = tool.fails("activate", "--tenant", "acme", "L1", "--at", at)
+
+    message = " ".join(result.stderr.split())
+    assert said in message
+    assert "without an offset is read in the tenant's time zone" in message
+    assert tool.licenses()["L1"]["state"] == "available"
+
+
+@pytest.mark.parametrize(
+    ("at", "activation"),
+    [
+        ("2026-03-29T02:30+01:00", "2026-03-29T01:30:00Z"),
+        ("2026-10-25T02:30+02:00", "2026-10-25T00:30:00Z"),
+        ("2026-10-25T02:30+01:00", "2026-10-25T01:30:00Z"),
+        ("2026-10-25T03:30", "2026-10-25T02:30:00Z"),
+    ],
+)
+def test_with_an_offset_such_a_time_names_one_instant(
+    tool: Tool, at: str, activation: str
+) -> None:
+    tool.add("acme", code("L1"))
+
+    tool.ok("activate", "--tenant", "acme", "L1", "--at", at)
+
+    assert tool.licenses()["L1"]["activation_at"] == activation
+
+
+@pytest.mark.parametrize(
+    ("at", "said"),
+    [
+        (
+            "2026-02-30",
+            "'2026-02-30' is not a valid date: day 30 is out of range for "
+            "February 2026, which has 28 days",
+        ),
+        ("2026-02-30T10:00", "'2026-02-30T10:00' is not a valid date: day 30"),
+        ("2026-13-01", "month 13 is out of range (1 to 12)"),
+        ("next week", "'next week' is not an ISO 8601 date (YYYY-MM-DD)"),
+    ],
+)
+def test_a_date_not_in_the_calendar_is_named_as_such(
+    tool: Tool, at: str, said: str
+) -> None:
+    tool.add("acme", code("L1"))
+
+    result = tool.fails("activate", "--tenant", "acme", "L1", "--at", at)
+
+    assert said in " ".join(result.stderr.split())
+
+
+def test_now_gets_the_same_calendar_check() -> None:
+    result = CliRunner(env=CLEAN_ENV).invoke(
+        cli, ["--now", "2026-02-30", "tenant", "list"]
+    )
+
+    assert result.exit_code == 2
+    assert "day 30 is out of range for February 2026" in result.stderr
+
+
+def test_the_activate_help_says_a_time_without_offset_is_the_tenant_zone() -> None:
+    result = CliRunner(env=CLEAN_ENV).invoke(cli, ["activate", "--help"])
+
+    said = " ".join(result.stdout.split())
+    assert "without an offset (Z or +01:00) is read in the tenant's time zone" in said
+    assert "skipped or repeated there" in said
+
+
+# -- --now -------------------------------------------------------------------------
+
+WARNING = "acting as of 2025-06-01T10:00:00Z (--now/IRM_NOW), not the real time"
+
+
+def test_now_is_warned_of_by_every_command_that_changes_the_store(
+    tmp_path: Path,
+) -> None:
+    tool = Tool(tmp_path / "irm.db")
+    csv_path = tmp_path / "sales.csv"
+    csv_path.write_bytes(write_sales_csv([(payload("L2"), code("L2"))]))
+
+    changes = [
+        tool.ok("tenant", "add", "acme"),
+        tool.ok("import", "--tenant", "acme", code("L1")),
+        tool.ok("import", "--tenant", "acme", "--csv", str(csv_path)),
+        tool.ok("activate", "--tenant", "acme", "L1"),
+        tool.ok("routers", "register", "--tenant", "acme", "R1"),
+        tool.ok("contacts", "add", "--tenant", "acme", "ops@acme.example"),
+    ]
+    reads = [
+        tool.ok("licenses", "--tenant", "acme"),
+        tool.ok("tenant", "show", "acme"),
+        tool.ok("import", "--tenant", "acme", code("L3"), "--dry-run"),
+    ]
+
+    for result in changes:
+        assert result.stderr.count(WARNING) == 1, result.stderr
+    for result in reads:
+        assert WARNING not in result.stderr
+
+
+def test_now_from_the_environment_is_warned_of_too(tmp_path: Path) -> None:
+    runner = CliRunner(env={**CLEAN_ENV, "IRM_NOW": "2025-06-01T10:00:00Z"})
+
+    result = runner.invoke(
+        cli, ["--database", str(tmp_path / "irm.db"), "tenant", "add", "acme"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert WARNING in result.stderr
+
+
+def test_without_now_nothing_is_said_about_the_time(tmp_path: Path) -> None:
+    runner = CliRunner(env=CLEAN_ENV)
+
+    result = runner.invoke(
+        cli, ["--database", str(tmp_path / "irm.db"), "tenant", "add", "acme"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "acting as of" not in result.stderr
+
+
+def test_an_activation_before_the_issue_date_is_refused(tool: Tool) -> None:
+    """Issued 2026-12-04, activated with --now 2000-01-01: it expired at once."""
+    issued = datetime(2026, 12, 4, 9, 30, tzinfo=UTC)
+    tool.add("acme", code("L1", issued=issued))
+
+    result = tool.fails("activate", "--tenant", "acme", "L1", now="2000-01-01")
+
+    said = " ".join(result.stderr.split())
+    assert (
+        "activation instant 2000-01-01T00:00:00Z is before the issue date "
+        "2026-12-04 of license L1 (issued 2026-12-04T09:30:00Z)"
+    ) in said
+    assert "cannot become active before the day it was issued" in said
+    assert tool.licenses()["L1"]["state"] == "available"
+    tool.ok("activate", "--tenant", "acme", "L1", now="2026-12-04T00:00:00Z")
+    assert tool.licenses()["L1"]["activation_at"] == "2026-12-04T00:00:00Z"
+
+
+def test_codes_minted_with_now_are_issued_then_and_activate_then(
+    tmp_path: Path,
+) -> None:
+    """scripts/demo: licenses activated 13 months ago, with --now."""
+    tool = Tool(tmp_path / "irm.db")
+    tool.ok("tenant", "add", "acme")
+    minted = tool.ok(
+        "vendor", "mint", "--kind", "cloud-basic-1", now="2024-05-01T08:00:00Z"
+    )
+    assert "codes are issued then" in minted.stderr
+    tool.ok(
+        "import", "--tenant", "acme", minted.stdout.strip(), now="2024-05-01T09:00:00Z"
+    )
+    (lid,) = tool.licenses()
+    tool.ok("activate", "--tenant", "acme", lid, now="2024-05-01T09:00:00Z")
+
+    lic = tool.licenses(now="2025-06-01T10:00:00Z")[lid]
+    assert lic["issued_at"] == "2024-05-01T08:00:00Z"
+    assert lic["state"] == "expired"
 
 
 def test_activation_on_the_stock_limit_date_is_allowed_before_it_in_utc(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import pytest
@@ -10,7 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policy.codes import CodePayload, mint
-from policy.csvimport import CsvRow, read_sales_csv, write_sales_csv
+from policy.csvimport import (
+    MAX_FILE_BYTES,
+    MAX_LINE_CHARS,
+    CsvRow,
+    check_file_size,
+    read_sales_csv,
+    read_sales_rows,
+    write_sales_csv,
+)
 from policy.errors import CsvImportError
 from policy.licenses import Kind
 
@@ -366,13 +375,83 @@ def test_text_after_a_closing_quote_is_reported() -> None:
     assert "malformed CSV" in reason
 
 
-def test_an_oversized_field_is_reported_not_raised() -> None:
+def test_an_oversized_line_is_refused_before_it_is_parsed_naming_the_limit() -> None:
     data = b"code\n" + b"IRM1." + b"A" * 200_000 + b"\n"
 
     [(line, reason)] = problems_of(data)
 
     assert line == 2
+    assert f"longer than {MAX_LINE_CHARS:,} characters" in reason
+
+
+def test_a_single_line_of_60_mb_is_refused_quickly() -> None:
+    """A 200 MB line took 1.5 GB before the csv module refused it."""
+    data = b"code," + b"A" * 60_000_000
+
+    started = time.perf_counter()
+    [(line, reason)] = problems_of(data)
+
+    assert time.perf_counter() - started < 3
+    assert line == 1
+    assert "longer than 10,000 characters" in reason
+
+
+def test_an_oversized_field_over_many_lines_is_reported_not_raised() -> None:
+    data = b'code\n"IRM1.' + (b"A" * 9000 + b"\n") * 20 + b'"\n'
+
+    [(line, reason)] = problems_of(data)
+
+    assert line == 2
     assert "field larger than field limit" in reason
+
+
+def test_a_file_larger_than_any_sales_csv_is_refused_unread() -> None:
+    data = b"code\n" + b"\n" * MAX_FILE_BYTES
+
+    [(line, reason)] = problems_of(data)
+
+    assert line == 1
+    assert "larger than the 64 MiB a sales CSV can be" in reason
+    with pytest.raises(CsvImportError, match="64 MiB"):
+        check_file_size(MAX_FILE_BYTES + 1)
+    check_file_size(MAX_FILE_BYTES)
+
+
+def test_a_pipe_delimited_file_names_the_delimiters_recognised() -> None:
+    data = f"code|kind|capacity\n{A}|Cloud Basic 1|1\n".encode()
+
+    [(line, reason)] = problems_of(data)
+
+    assert line == 1
+    assert "neither a header" in reason
+    assert "none of the delimiters recognised, ',', ';' and tab" in reason
+    assert "it holds '|'" in reason
+
+
+def test_a_first_line_split_at_a_delimiter_says_which() -> None:
+    [(_, reason)] = problems_of(b"hello;world\n1;2\n")
+
+    assert "read with ';' as the delimiter" in reason
+    assert "',', ';' and tab" in reason
+
+
+def test_every_problem_of_one_row_is_listed() -> None:
+    data = f"code;kind\n;Cloud;Basic 1\n{A};Cloud Basic 1\n".encode()
+
+    problems = problems_of(data)
+
+    assert [line for line, _ in problems] == [2, 2]
+    assert "has 3 fields where the header has 2" in problems[0][1]
+    assert "license code is empty" in problems[1][1]
+
+
+def test_bad_rows_come_with_the_good_rows_for_the_caller_to_check() -> None:
+    data = f"code;kind\n{A};x\n\n;y\n{B};x\n".encode()
+
+    rows, problems = read_sales_rows(data)
+
+    assert [(row.line, row.code) for row in rows] == [(2, A), (5, B)]
+    assert problems == [(4, "the license code is empty")]
 
 
 # --- fuzz -------------------------------------------------------------------

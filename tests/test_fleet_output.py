@@ -1,15 +1,34 @@
-"""irm-tool fleet's table and summary line, from hand-built reports: no broker."""
+"""irm-tool fleet's table and summary line, from hand-built reports, and
+what it refuses before it reaches a broker: no broker."""
 
 from __future__ import annotations
 
 from io import StringIO
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner, Result
 from rich.console import Console
 
 from gateway.protocol import Decision
 from policy.admission import Cause, Reason
 from policy.licenses import Tier
+from tools.broker import free_port
+from tools.cli import cli
 from tools.fleet import FleetReport, _summary, _summary_line, _table
+
+# The tests must not pick up a database, broker or accounts from the shell.
+CLEAN_ENV: dict[str, str | None] = dict.fromkeys(
+    (
+        "IRM_DATABASE",
+        "IRM_STORE",
+        "IRM_NOW",
+        "IRM_BROKER_HOST",
+        "IRM_BROKER_PORT",
+        "IRM_BROKER_PASSWORD_FILE",
+        "IRM_BROKER_PID_FILE",
+    )
+)
 
 
 def told(
@@ -133,3 +152,127 @@ def test_the_json_summary_still_reports_the_final_decisions() -> None:
     assert summary["online"] == ["R01", "R02"]
     assert summary["offline"] == []
     assert summary["unanswered"] == ["R03"]
+
+
+# -- what the command refuses, before any broker --------------------------------
+
+
+def fleet(*args: str, database: Path | None = None) -> Result:
+    root = ["--database", str(database)] if database is not None else []
+    return CliRunner(env=CLEAN_ENV).invoke(cli, [*root, "fleet", *args])
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--hold", "-5"),
+        ("--hold", "nan"),
+        ("--routers", "0"),
+        ("--routers", "-3"),
+        ("--processes", "0"),
+        ("--connect-rate", "-1"),
+        ("--duration", "0"),
+        ("--duration", "inf"),
+        ("--rate", "0"),
+        ("--rate", "-100"),
+        ("--churn", "-0.1"),
+        ("--churn", "1.5"),
+        ("--heartbeat", "0"),
+        ("--timeout", "-1"),
+        ("--port", "0"),
+    ],
+)
+def test_a_negative_zero_or_endless_number_is_refused_naming_the_option(
+    option: str, value: str
+) -> None:
+    result = fleet("--tenant", "acme", option, value)
+
+    assert result.exit_code == 2
+    assert f"Invalid value for '{option}'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "mode", [[], ["--mode", "once"], ["--mode", "rate"], ["--mode", "storm"]]
+)
+def test_nothing_listening_is_named_by_host_and_port_in_every_mode(
+    mode: list[str],
+) -> None:
+    port = free_port()
+
+    result = fleet("--tenant", "acme", "--port", str(port), *mode)
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        f"irm-tool: no MQTT broker on 127.0.0.1:{port} (connection refused)"
+    )
+    assert "Traceback" not in result.output
+
+
+def test_nothing_listening_makes_no_account(tmp_path: Path) -> None:
+    port = free_port()
+
+    result = fleet(
+        "--tenant", "acme", "--port", str(port),
+        "--password-file", str(tmp_path / "passwd"),
+        "--pid-file", str(tmp_path / "mosquitto.pid"),
+    )  # fmt: skip
+
+    assert result.exit_code == 1
+    assert f"no MQTT broker on 127.0.0.1:{port}" in result.stderr
+    assert not (tmp_path / "passwd").exists()
+
+
+def test_a_tenant_the_database_lacks_gets_no_accounts(tmp_path: Path) -> None:
+    database = tmp_path / "irm.db"
+    runner = CliRunner(env=CLEAN_ENV)
+    added = runner.invoke(cli, ["--database", str(database), "tenant", "add", "acme"])
+    assert added.exit_code == 0, added.output
+
+    result = fleet(
+        "--tenant", "nosuch", "--port", str(free_port()),
+        "--password-file", str(tmp_path / "passwd"),
+        "--pid-file", str(tmp_path / "mosquitto.pid"),
+        database=database,
+    )  # fmt: skip
+
+    assert result.exit_code == 1
+    assert f"irm-tool: unknown tenant 'nosuch' in {database}" in result.stderr
+    assert "irm-tool tenant add nosuch" in result.stderr
+    assert not (tmp_path / "passwd").exists()
+
+
+def test_every_tenant_of_a_load_is_checked(tmp_path: Path) -> None:
+    database = tmp_path / "irm.db"
+    runner = CliRunner(env=CLEAN_ENV)
+    runner.invoke(cli, ["--database", str(database), "tenant", "add", "acme"])
+
+    result = fleet(
+        "--tenant", "acme", "--tenant", "ghost", "--mode", "once",
+        database=database,
+    )  # fmt: skip
+
+    assert result.exit_code == 1
+    assert "unknown tenant 'ghost'" in result.stderr
+
+
+def test_a_known_tenant_goes_on_to_the_broker(tmp_path: Path) -> None:
+    database = tmp_path / "irm.db"
+    runner = CliRunner(env=CLEAN_ENV)
+    runner.invoke(cli, ["--database", str(database), "tenant", "add", "acme"])
+    port = free_port()
+
+    result = fleet("--tenant", "acme", "--port", str(port), database=database)
+
+    assert result.exit_code == 1
+    assert f"no MQTT broker on 127.0.0.1:{port}" in result.stderr
+
+
+def test_without_a_database_the_fleet_may_name_any_tenant() -> None:
+    """How the gateway's refusal of an unknown tenant is shown (and measured)."""
+    port = free_port()
+
+    result = fleet("--tenant", "nosuch", "--port", str(port))
+
+    assert result.exit_code == 1
+    assert f"no MQTT broker on 127.0.0.1:{port}" in result.stderr

@@ -12,6 +12,7 @@ from policy.csvimport import CsvRow, read_sales_csv, write_sales_csv
 from policy.errors import BadInput, CodeError, CsvImportError, RuleViolation
 from policy.imports import (
     ImportPlan,
+    decode_csv,
     decode_rows,
     license_from,
     plan_code,
@@ -236,6 +237,51 @@ def test_problems_of_both_steps_are_listed_together_by_line() -> None:
     problems = refused(rows, owners={"c": "other"})
 
     assert [line for line, _ in problems] == [3, 4, 5, 6]
+
+
+def eight_bad_rows() -> bytes:
+    """The tester's file: one good row, then eight bad ones, each its own way."""
+    good, forged = code("a"), mint(Ed25519PrivateKey.generate(), payload("f"))
+    head, body, signature = code("b").split(".")
+    altered = f"{head}.{body[:-2]}{'A' if body[-2] != 'A' else 'B'}{body[-1]}"
+    lines = [
+        "code;kind;capacity",
+        f"{good};Cloud Basic 1;1",  # 2: good
+        f"{forged};Cloud Basic 1;1",  # 3: forged
+        f"{good};Cloud Basic 1;1",  # 4: repeats line 2
+        "hello;Cloud Basic 1;1",  # 5: garbage
+        f"{altered}.{signature};Cloud Basic 1;1",  # 6: altered
+        ";Cloud Basic 1;1",  # 7: empty code
+        f"{code('c')[:40]};Cloud Basic 1;1",  # 8: damaged
+        f"{code('d')};Cloud Basic 25;1",  # 9: declares another kind
+        f"{code('e')};Cloud;Basic 1;1",  # 10: a delimiter in a value
+    ]
+    return "\r\n".join(lines).encode()
+
+
+def test_an_empty_code_hides_no_other_bad_row_every_one_is_listed_in_order() -> None:
+    decoded = decode_csv(eight_bad_rows(), PUBLIC)
+
+    with pytest.raises(CsvImportError) as caught:
+        plan_import(decoded, "T8", NOW, frozenset(), {})
+
+    problems = caught.value.problems
+    assert [line for line, _ in problems] == [3, 4, 5, 6, 7, 8, 9, 10]
+    said = dict(problems)
+    assert "forged or was altered" in said[3]
+    assert "repeats line 2" in said[4]
+    assert "the license code is empty" in said[7]
+    assert "declared kind Cloud Basic 25" in said[9]
+    assert "has 4 fields where the header has 3" in said[10]
+
+
+def test_a_file_that_cannot_be_read_at_all_is_still_refused_at_once() -> None:
+    with pytest.raises(CsvImportError) as caught:
+        decode_csv(b"code|kind\nx|y\n", PUBLIC)
+
+    [(line, reason)] = caught.value.problems
+    assert line == 1
+    assert "'|'" in reason
 
 
 def test_planning_refuses_a_naive_now() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from policy.errors import BadInput
 from policy.licenses import Kind, License
 from policy.sqlite_store import SqliteStore
 from policy.timeutil import parse_instant
@@ -61,3 +62,82 @@ async def test_licenses_read_from_the_store_carry_their_tenant_zone(
     (stored,) = await store.licenses("acme")
     await store.close()
     assert stored.tz == "Europe/Berlin"
+
+
+@pytest.mark.parametrize(
+    ("tz", "at", "said"),
+    [
+        ("Europe/Berlin", "2027-03-28T02:30", "does not exist in time zone"),
+        ("Europe/Berlin", "2027-03-28T02:00:00", "does not exist in time zone"),
+        ("America/New_York", "2027-03-14T02:15", "does not exist in time zone"),
+        ("Europe/Berlin", "2027-10-31T02:30", "is ambiguous in time zone"),
+        ("America/New_York", "2027-11-07T01:30", "is ambiguous in time zone"),
+    ],
+)
+def test_a_wall_time_skipped_or_repeated_by_the_clock_change_is_refused(
+    tz: str, at: str, said: str
+) -> None:
+    with pytest.raises(BadInput) as refused:
+        parse_instant(at, tz)
+
+    message = str(refused.value)
+    assert f"{at!r} {said} {tz}" in message
+    rule = "a date-time without an offset is read in the tenant's time zone"
+    assert rule in message.lower()
+
+
+def test_the_refusal_of_a_repeated_time_names_both_offsets_to_choose_from() -> None:
+    with pytest.raises(BadInput) as refused:
+        parse_instant("2027-10-31T02:30", "Europe/Berlin")
+
+    message = str(refused.value)
+    assert "2027-10-31T02:30+02:00 (the first)" in message
+    assert "2027-10-31T02:30+01:00 (the second)" in message
+    for offered in ("2027-10-31T02:30+02:00", "2027-10-31T02:30+01:00"):
+        assert parse_instant(offered, "Europe/Berlin") == datetime.fromisoformat(
+            offered
+        )
+
+
+def test_the_refusal_of_a_skipped_time_says_where_the_offset_lands() -> None:
+    with pytest.raises(BadInput) as refused:
+        parse_instant("2027-03-28T02:30", "Europe/Berlin")
+
+    assert "e.g. 2027-03-28T02:30+01:00 (which is 03:30 there)" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("tz", "at", "instant"),
+    [
+        ("Europe/Berlin", "2027-03-28T01:59", "2027-03-28T00:59:00+00:00"),
+        ("Europe/Berlin", "2027-03-28T03:00", "2027-03-28T01:00:00+00:00"),
+        ("Europe/Berlin", "2027-10-31T01:59", "2027-10-30T23:59:00+00:00"),
+        ("Europe/Berlin", "2027-10-31T03:00", "2027-10-31T02:00:00+00:00"),
+        ("Europe/Berlin", "2027-03-28", "2027-03-27T23:00:00+00:00"),
+        ("UTC", "2027-03-28T02:30", "2027-03-28T02:30:00+00:00"),
+    ],
+)
+def test_wall_times_either_side_of_a_change_name_one_instant(
+    tz: str, at: str, instant: str
+) -> None:
+    assert parse_instant(at, tz) == datetime.fromisoformat(instant)
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("2026-02-30", "day 30 is out of range for February 2026, which has 28 days"),
+        ("2028-02-30T08:00", "day 30 is out of range for February 2028, which has 29"),
+        ("2026-04-31", "day 31 is out of range for April 2026, which has 30 days"),
+        ("2026-00-10", "month 0 is out of range (1 to 12)"),
+        ("2026-02-01T25:00", "is not a valid ISO 8601 date-time: hour must be"),
+    ],
+)
+def test_a_date_not_in_the_calendar_is_called_invalid_not_malformed(
+    text: str, said: str
+) -> None:
+    with pytest.raises(BadInput) as refused:
+        parse_instant(text, "Europe/Berlin")
+
+    assert said in str(refused.value)
+    assert "not an ISO 8601 date" not in str(refused.value)

@@ -19,10 +19,10 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -99,7 +99,8 @@ class ToolError(click.ClickException):
 def _message(error: IrmError) -> str:
     if not isinstance(error, CsvImportError):
         return str(error)
-    lines = [f"{len(error.problems)} bad row(s), nothing imported:"]
+    rows = len({line for line, _ in error.problems})
+    lines = [f"{rows} bad row(s), nothing imported:"]
     lines += [f"  line {line}: {why}" for line, why in error.problems]
     return "\n".join(lines)
 
@@ -126,6 +127,24 @@ class Settings:
     now: datetime
     store: str | None = None
     """A postgresql:// URL; when given, used instead of ``database``."""
+    acting_as_of: datetime | None = None
+    """The instant --now or IRM_NOW gave, if either did (then ``now``)."""
+    _warned: list[bool] = field(default_factory=list, compare=False, repr=False)
+
+    def warn_acting(self, what: str = "") -> None:
+        """Say once, on stderr, that a change is dated by --now, not the clock.
+
+        Every command that changes the store calls this first (and the
+        store itself does, through :meth:`run`, before it writes).
+        """
+        if self.acting_as_of is None or self._warned:
+            return
+        self._warned.append(True)
+        click.echo(
+            f"irm-tool: warning: acting as of {to_text(self.acting_as_of)} "
+            f"(--now/IRM_NOW), not the real time{what}",
+            err=True,
+        )
 
     def public_key(self) -> Ed25519PublicKey:
         """The vendor key codes are verified with (the demo key by default)."""
@@ -148,7 +167,9 @@ class Settings:
         async def session() -> T:
             store = await open_store(self.store or self.database, create=create)
             try:
-                return await work(store)
+                if self.acting_as_of is None:
+                    return await work(store)
+                return await work(cast("Store", _Warned(store, self.warn_acting)))
             finally:
                 await store.close()
 
@@ -156,6 +177,43 @@ class Settings:
 
 
 pass_settings = click.make_pass_decorator(Settings)
+
+_WRITES = frozenset(
+    {
+        "add_tenant",
+        "add_licenses",
+        "save_activations",
+        "register_routers",
+        "apply",
+        "add_contacts",
+        "remove_contacts",
+        "claim_reminder",
+        "take_reminder",
+        "reminder_sent",
+        "reminder_failed",
+        "reminder_dropped",
+        "import_tenant",
+    }
+)
+"""The store's methods that change it."""
+
+
+class _Warned:
+    """A store that calls ``before_change`` before any method that writes.
+
+    With --now set, whichever command writes, the admin is told that what
+    it writes is dated then, not now.
+    """
+
+    def __init__(self, store: Store, before_change: Callable[[], None]) -> None:
+        self._store = store
+        self._before_change = before_change
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._store, name)
+        if name in _WRITES:
+            self._before_change()
+        return found
 
 
 def _warn_demo(path: Path, instead: str) -> None:
@@ -191,7 +249,7 @@ async def _facts(store: Store, name: str, routers: bool = False) -> Facts:
 
 
 class Instant(click.ParamType[datetime]):
-    """An ISO 8601 instant; a bare date is midnight UTC."""
+    """An ISO 8601 instant; a bare date is midnight UTC, no offset is UTC."""
 
     name = "ISO-INSTANT"
 
@@ -411,8 +469,10 @@ def _activation_cell(entry: Any, clock: Clock) -> str:
     type=Instant(),
     envvar="IRM_NOW",
     help="For demos and tests: act as if the current time were this instant "
-    "(ISO 8601; a bare date is midnight UTC) [env: IRM_NOW; default: the "
-    "real UTC clock].",
+    "(ISO 8601; a bare date is midnight UTC, a date-time without an offset "
+    "is UTC) [env: IRM_NOW; default: the real UTC clock]. What a command "
+    "changes is dated then, and it warns so on stderr; licenses cannot be "
+    "activated before their issue date.",
 )
 @click.version_option(package_name="irm-gateway")
 @click.pass_context
@@ -432,7 +492,13 @@ def cli(
     Exit status: 0 done, 1 refused or failed (the reason is on stderr),
     2 a usage error.
     """
-    ctx.obj = Settings(database, vendor_key, now or datetime.now(UTC), store)
+    settings = Settings(
+        database, vendor_key, now or datetime.now(UTC), store, acting_as_of=now
+    )
+    ctx.obj = settings
+    if ctx.invoked_subcommand == "move-tenant":
+        # It opens both stores itself, and dates what it writes by --now.
+        settings.warn_acting()
 
 
 def _postgres_url(value: str | None) -> str | None:
@@ -464,6 +530,7 @@ def tenant_add(settings: Settings, tenant: str, tz: str) -> None:
     """Add TENANT (adding it again with the same zone changes nothing)."""
     _check_name(tenant, "tenant")
     zone(tz)
+    settings.warn_acting()
 
     async def work(store: Store) -> bool:
         existed = await store.tenant(tenant) is not None
@@ -697,7 +764,9 @@ Planner = Callable[[set[str], dict[str, str]], imports.ImportPlan]
     "csv_path",
     metavar="FILE",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Import every code of a sales CSV file, all or nothing.",
+    help="Import every code of a sales CSV file, all or nothing. Delimiters "
+    f"',', ';' or tab; {csvimport.LIMITS_TEXT} (a sales CSV of 100,000 "
+    "codes is about 33 MiB, a row about 330 characters).",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would happen; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
@@ -713,12 +782,16 @@ def import_command(
     """Import one license CODE ('-' reads it from stdin) or a --csv file.
 
     Codes are verified with the vendor key. A file is imported all or
-    nothing: if any row is bad, every bad row is listed by its line and
-    nothing is stored. A code the tenant holds already is reported as
-    already present. Imported licenses are available until activated.
+    nothing: if any row is bad, every problem of every bad row is listed
+    by its line and nothing is stored. A file larger than any sales CSV
+    (see --csv) is refused before it is read. A code the tenant holds
+    already is reported as already present. Imported licenses are
+    available until activated.
     """
     if (code is None) == (csv_path is None):
         raise click.UsageError("give either one license CODE or --csv FILE")
+    if not dry_run:
+        settings.warn_acting()
     key = settings.public_key()
     if csv_path is None:
         assert code is not None
@@ -754,10 +827,12 @@ def _csv_planner(
     path: Path, key: Ed25519PublicKey, tenant: str, now: datetime
 ) -> tuple[list[str], Planner]:
     try:
+        # A file far larger than any sales CSV is refused unread.
+        csvimport.check_file_size(path.stat().st_size)
         data = path.read_bytes()
     except OSError as exc:
         raise BadInput(f"cannot read {path}: {exc.strerror}") from exc
-    decoded = imports.decode_rows(csvimport.read_sales_csv(data), key)
+    decoded = imports.decode_csv(data, key)
 
     def plan(present: set[str], owners: dict[str, str]) -> imports.ImportPlan:
         return imports.plan_import(decoded, tenant, now, present, owners)
@@ -856,8 +931,11 @@ class Activation:
     "--at",
     "at_text",
     metavar="DATE-OR-DATETIME",
-    help="When the licenses become active (default: now). A bare date is "
-    "midnight in the tenant's time zone.",
+    help="When the licenses become active (default: now): a date, midnight "
+    "in the tenant's time zone, or an ISO 8601 date-time. A date-time "
+    "without an offset (Z or +01:00) is read in the tenant's time zone, and "
+    "refused if that wall time is skipped or repeated there when the clocks "
+    "change; give an offset to name such an instant.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @pass_settings
@@ -879,6 +957,7 @@ def activate_command(
         raise click.UsageError(
             "name the LICENSE_IDs to activate or give --all-available"
         )
+    settings.warn_acting()
     done = settings.run(
         lambda store: _activate(
             store, tenant, license_ids, all_available, at_text, settings.now
@@ -1103,6 +1182,7 @@ def routers_register(
         refuse_reserved(router)
     settings = ctx.find_object(Settings)
     assert settings is not None, "the root group sets it"
+    settings.warn_acting()
 
     async def work(store: Store) -> list[str]:
         await _tenant(store, name)
@@ -1266,8 +1346,9 @@ def vendor_keygen(private_path: Path, public_path: Path, encrypt: bool) -> None:
     "--issued",
     type=Instant(),
     metavar="DATE",
-    help="Issue date or instant (a bare date is midnight UTC) [default: now]; "
-    "the 2-year stock limit counts from here.",
+    help="Issue date or instant (a bare date is midnight UTC, a date-time "
+    "without an offset is UTC) [default: now]; the 2-year stock limit "
+    "counts from here.",
 )
 @click.option(
     "--key",
@@ -1313,6 +1394,8 @@ def vendor_mint(
     size = _capacity_of(chosen, capacity)
     key = _private_key(key_path)
 
+    if issued is None:
+        settings.warn_acting(": the codes are issued then")
     when = issued or settings.now
     minted = []
     for _ in range(count):

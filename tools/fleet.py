@@ -9,14 +9,17 @@ heartbeats and report any seat change the gateway announces meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import math
+import socket
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import click
 import gmqtt
@@ -34,6 +37,8 @@ from rich.table import Table
 
 from gateway import protocol
 from gateway.protocol import Decision
+from policy.errors import BadInput
+from policy.stores import is_postgres, open_store
 from tools import accounts
 from tools.load import LoadSpec, Mode, Summary, run_load
 from tools.router import SimRouter
@@ -120,8 +125,100 @@ def _provision(
             "(--name-prefix), or give --replace-accounts if those accounts "
             "are a fleet's own"
         )
+    # No account is written for a broker that is not there.
+    _probe(spec.host, spec.port)
     accounts.provision(password_file, pid_file, wanted, (spec.host, spec.port))
     return wanted
+
+
+class FleetError(click.ClickException):
+    """The fleet cannot run: ``irm-tool: <message>``, exit status 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"irm-tool: {self.message}", file=file, err=file is None)
+
+
+def _no_broker(host: str, port: int, exc: OSError) -> FleetError:
+    refused = isinstance(exc, ConnectionRefusedError)
+    why = "connection refused" if refused else exc.strerror or str(exc)
+    return FleetError(
+        f"no MQTT broker on {host}:{port} ({why}); start one, or give "
+        "--host/--port (IRM_BROKER_HOST/IRM_BROKER_PORT)"
+    )
+
+
+def _probe(host: str, port: int, timeout: float = 5.0) -> None:
+    """Refuse at once, naming host and port, if nothing listens there."""
+    try:
+        with socket.create_connection((host, port), timeout):
+            pass
+    except OSError as exc:
+        raise _no_broker(host, port, exc) from exc
+
+
+@contextlib.contextmanager
+def _broker_errors(host: str, port: int) -> Iterator[None]:
+    """Whatever the mode, a broker that is not there or refuses is said so."""
+    try:
+        yield
+    except MQTTConnectError as exc:
+        # Mosquitto refuses a router account it does not know (code 135).
+        raise FleetError(
+            f"the broker on {host}:{port} refused the fleet's login "
+            f"({exc}); give --password-file and --pid-file "
+            "(IRM_BROKER_PASSWORD_FILE/IRM_BROKER_PID_FILE) so that the fleet's "
+            "accounts are made first"
+        ) from exc
+    except OSError as exc:
+        if exc.filename is not None:  # a password or pid file, not the broker
+            raise FleetError(f"{exc.filename}: {exc.strerror or exc}") from exc
+        raise _no_broker(host, port, exc) from exc
+
+
+def _given(ctx: click.Context, name: str) -> Any:
+    """The root option ``name`` if the admin gave it (not its default)."""
+    root = ctx.find_root()
+    if name not in root.params:
+        return None
+    source = root.get_parameter_source(name)
+    if source in (None, click.core.ParameterSource.DEFAULT):
+        return None
+    return root.params[name]
+
+
+def _check_tenants(ctx: click.Context, tenants: Sequence[str]) -> None:
+    """With a database given, refuse tenants it does not know, before any
+    account is made for their routers.
+
+    Without one the fleet still runs: it is how routers of a tenant no one
+    added are shown to be refused by the gateway.
+    """
+    location = _given(ctx, "store") or _given(ctx, "database")
+    if location is None:
+        return
+
+    async def unknown() -> list[str]:
+        store = await open_store(location, create=False)
+        try:
+            known = {t.id for t in await store.tenants()}
+        finally:
+            await store.close()
+        return [t for t in dict.fromkeys(tenants) if t not in known]
+
+    missing = asyncio.run(unknown())
+    if missing:
+        names = ", ".join(repr(t) for t in missing)
+        # A URL may hold a password: it is not repeated.
+        where = "the --store database" if is_postgres(location) else location
+        raise BadInput(
+            f"unknown tenant {names} in {where}: the fleet makes no broker "
+            "account for the routers of a tenant the database does not have; "
+            f"add it first with 'irm-tool tenant add {missing[0]}', or run the "
+            "fleet without --database/--store (IRM_DATABASE/IRM_STORE) to see "
+            "the gateway refuse routers of an unknown tenant"
+        )
 
 
 def router_names(count: int, prefix: str = "R") -> list[str]:
@@ -357,14 +454,35 @@ def _run_load(spec: LoadSpec, as_json: bool) -> Summary:
     return summary
 
 
+MAX_ROUTERS = 1_000_000
+MAX_PROCESSES = 256
+MAX_SECONDS = 7 * 24 * 3600.0
+"""A week: longer than any test or load run."""
+MAX_RATE = 1_000_000.0
+
+
+class Finite(click.FloatRange):
+    """A finite number in a range: click's FloatRange lets 'nan' and 'inf' by."""
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 @click.command("fleet")
 @click.option(
     "--tenant", "tenants", required=True, multiple=True,
-    help="Tenant of the routers; repeat it to spread a load over tenants.",
+    help="Tenant of the routers; repeat it to spread a load over tenants. "
+    "With a database given (--database, --store, IRM_DATABASE or IRM_STORE, "
+    "before 'fleet'), each must be one of its tenants.",
 )  # fmt: skip
 @click.option(
     "--routers", "count", default=10, show_default=True,
-    type=click.IntRange(min=1), help="How many.",
+    type=click.IntRange(1, MAX_ROUTERS), help="How many.",
 )  # fmt: skip
 @click.option("--name-prefix", default="R", show_default=True, help="R -> R01, R02...")
 @click.option(
@@ -387,25 +505,45 @@ def _run_load(spec: LoadSpec, as_json: bool) -> Summary:
 @click.option(
     "--concurrent", is_flag=True, help="All say hello at once, not one after another."
 )
-@click.option("--hold", default=0.0, help="Seconds to stay connected with heartbeats.")
+@click.option(
+    "--hold", default=0.0, show_default=True, type=Finite(0, MAX_SECONDS),
+    help="Seconds to stay connected with heartbeats (0: leave at once).",
+)  # fmt: skip
 @click.option(
     "--goodbye/--no-goodbye",
     default=True,
     show_default=True,
     help="Say goodbye at the end; without it, seats last until the leases run out.",
 )
-@click.option("--processes", default=1, show_default=True, help="Worker processes.")
-@click.option("--connect-rate", default=2000.0, show_default=True, help="Connects/s.")
 @click.option(
-    "--duration", default=10.0, show_default=True, help="Seconds (closed, rate)."
-)
-@click.option("--rate", default=1000.0, show_default=True, help="Hellos/s (rate mode).")
-@click.option(
-    "--churn", default=0.0, show_default=True,
-    help="Share of routers that leave and come back every third of --duration.",
+    "--processes", default=1, show_default=True,
+    type=click.IntRange(1, MAX_PROCESSES), help="Worker processes.",
 )  # fmt: skip
-@click.option("--heartbeat", default=20.0, show_default=True, help="Seconds between.")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds per reply.")
+@click.option(
+    "--connect-rate", default=2000.0, show_default=True,
+    type=Finite(0, MAX_RATE), help="Connects/s (0: as fast as they go).",
+)  # fmt: skip
+@click.option(
+    "--duration", default=10.0, show_default=True,
+    type=Finite(0, MAX_SECONDS, min_open=True), help="Seconds (closed, rate).",
+)  # fmt: skip
+@click.option(
+    "--rate", default=1000.0, show_default=True,
+    type=Finite(0, MAX_RATE, min_open=True), help="Hellos/s (rate mode).",
+)  # fmt: skip
+@click.option(
+    "--churn", default=0.0, show_default=True, type=Finite(0, 1),
+    help="Share of routers (0 to 1) that leave and come back every third of "
+    "--duration.",
+)  # fmt: skip
+@click.option(
+    "--heartbeat", default=20.0, show_default=True,
+    type=Finite(0, MAX_SECONDS, min_open=True), help="Seconds between.",
+)  # fmt: skip
+@click.option(
+    "--timeout", default=10.0, show_default=True,
+    type=Finite(0, MAX_SECONDS, min_open=True), help="Seconds per reply.",
+)  # fmt: skip
 @click.option(
     "--password-file", envvar="IRM_BROKER_PASSWORD_FILE", show_envvar=True,
     type=click.Path(dir_okay=False, path_type=Path),
@@ -422,7 +560,9 @@ def _run_load(spec: LoadSpec, as_json: bool) -> Summary:
     "passwords (a fleet run again on its own test broker).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
 def fleet_command(
+    ctx: click.Context,
     tenants: tuple[str, ...],
     count: int,
     name_prefix: str,
@@ -457,57 +597,39 @@ def fleet_command(
                 f"{tenant!r} is not a tenant id (1 to 64 of A-Z a-z 0-9 _ . -)",
                 param_hint="--tenant",
             )
+    if mode == "table" and len(tenants) != 1:
+        raise click.UsageError("--mode table takes one --tenant")
+    _check_tenants(ctx, tenants)
     spec = LoadSpec(
         host, port, tenants, count, cast("Mode", mode),
         processes, connect_rate, duration, rate, churn, heartbeat, timeout,
         prefix, name_prefix,
     )  # fmt: skip
-    passwords = _provision(spec, password_file, pid_file, replace_accounts)
-    login = next(iter(passwords.items()), None)
-    try:
+    with _broker_errors(host, port):
+        passwords = _provision(spec, password_file, pid_file, replace_accounts)
+        login = next(iter(passwords.items()), None)
         online = asyncio.run(wait_for_gateway(host, port, prefix, timeout, login))
-    except OSError as exc:
-        click.echo(
-            f"irm-tool: no MQTT broker on {host}:{port} ({exc.strerror or exc}); "
-            "start one, or give --host/--port (IRM_BROKER_HOST/IRM_BROKER_PORT)",
-            err=True,
+        if not online:
+            raise FleetError(f"no gateway online on {host}:{port}")
+        if mode != "table":
+            spec = dataclasses.replace(spec, passwords=passwords or None)
+            if _run_load(spec, as_json).unanswered:
+                sys.exit(1)
+            return
+        report = asyncio.run(
+            run_fleet(
+                host,
+                port,
+                tenants[0],
+                router_names(count, name_prefix),
+                prefix=prefix,
+                concurrent=concurrent,
+                hold=hold,
+                goodbye=goodbye,
+                timeout=timeout,
+                passwords={a.split("/")[1]: p for a, p in passwords.items()} or None,
+            )
         )
-        sys.exit(1)
-    except MQTTConnectError as exc:
-        # Mosquitto refuses a router account it does not know (code 135).
-        click.echo(
-            f"irm-tool: the broker on {host}:{port} refused the fleet's login "
-            f"({exc}); give --password-file and --pid-file "
-            "(IRM_BROKER_PASSWORD_FILE/IRM_BROKER_PID_FILE) so that the fleet's "
-            "accounts are made first",
-            err=True,
-        )
-        sys.exit(1)
-    if not online:
-        click.echo(f"irm-tool: no gateway online on {host}:{port}", err=True)
-        sys.exit(1)
-    if mode != "table":
-        spec = dataclasses.replace(spec, passwords=passwords or None)
-        if _run_load(spec, as_json).unanswered:
-            sys.exit(1)
-        return
-    if len(tenants) != 1:
-        raise click.UsageError("--mode table takes one --tenant")
-    names = router_names(count, name_prefix)
-    report = asyncio.run(
-        run_fleet(
-            host,
-            port,
-            tenants[0],
-            names,
-            prefix=prefix,
-            concurrent=concurrent,
-            hold=hold,
-            goodbye=goodbye,
-            timeout=timeout,
-            passwords={a.split("/")[1]: p for a, p in passwords.items()} or None,
-        )
-    )
     if as_json:
         click.echo(json.dumps(_summary(report), indent=2))
     else:
