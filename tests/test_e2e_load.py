@@ -71,6 +71,8 @@ async def test_an_offered_rate_with_churn_keeps_the_seats_within_capacity(
     summary = await run(spec)
     assert summary.unanswered == []
     assert summary.answered == summary.sent > 10
-    assert sum(summary.online.values()) == 8
+    # A router that left is offline; a seat it freed may be handed on just
+    # after the run ends, so at most the capacity is seen online.
+    assert 0 < sum(summary.online.values()) <= 8
     assert set(summary.decisions) <= {"accept:licensed", "reject:capacity_exceeded"}
     gateway.stop()

@@ -302,6 +302,7 @@ class _Worker:
             turn += count
             for router in leaving:
                 router.goodbye()
+                self.summary.online[f"{router.tenant}/{router.router}"] = False
                 await router.disconnect()
                 router.new_session()
             for router in leaving:
