@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from gateway.config import (
     cautions,
     load,
     shown,
+    stray_variables,
 )
 from gateway.service import Gateway
 from policy.errors import IrmError
@@ -225,11 +227,12 @@ def check_config(ctx: click.Context, /, as_json: bool, **options: Any) -> None:
     """Print the settings the gateway would run with, secrets masked.
 
     Exit status 0 when they are valid, 2 (with every problem) when not.
-    Warnings of settings that are valid but will not work go to stderr and
-    leave the status 0.
+    Warnings of settings that are valid but will not work (such as a
+    database that does not exist yet), and of IRM_* variables that nothing
+    reads, go to stderr and leave the status 0.
     """
     loaded = _loaded(ctx, options)
-    for caution in cautions(loaded.settings):
+    for caution in [*stray_variables(os.environ), *cautions(loaded.settings)]:
         click.echo(f"irm-gateway: warning: {caution}", err=True)
     values = shown(loaded.settings)
     if as_json:
@@ -253,6 +256,8 @@ def _toml(value: object) -> str:
 
 def _run(settings: Settings, uvloop: bool) -> None:
     logs.setup(settings.log_format, settings.log_level)
+    for stray in stray_variables(os.environ):
+        log.warning("environment variable ignored", warning=stray)
     runner: Any = asyncio.run
     if uvloop:
         import uvloop as fast  # noqa: PLC0415 - optional dependency

@@ -7,6 +7,9 @@ key, so a new setting is one line; a constrained one states its rule in
 ``description``, in the words an operator reads when a value breaks it
 (:func:`load` and gateway/__main__.py).
 
+A variable ``IRM_*`` that nothing reads is warned of (:func:`stray_variables`),
+not refused: it may be a tool's.
+
 A field typed ``SecretStr``, or whose name holds ``password``, ``secret``
 or ``token``, is masked wherever the settings are shown (:func:`shown`).
 """
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import difflib
 import re
+import shlex
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +35,33 @@ from gateway.protocol import NAME_PATTERN, PREFIX
 ENV_PREFIX = "IRM_"
 PREFIX_PATTERN = r"^[^/+#]([^+#]*[^/+#])?$"
 """Topic levels with no MQTT wildcard, not starting or ending with ``/``."""
+
+GATEWAY_VARIABLES = frozenset({f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}UVLOOP"})
+"""The gateway's own variables that are not settings (its --config, --uvloop)."""
+
+OTHER_VARIABLES = frozenset(
+    {
+        # irm-tool's root options (tools/cli.py) and commands
+        "IRM_NOW",
+        "IRM_VENDOR_PUBLIC_KEY",
+        "IRM_VENDOR_PRIVATE_KEY",
+        "IRM_GATEWAY_URL",
+        "IRM_ROUTER_CA_DIR",
+        "IRM_BROKER_PASSWORD_FILE",
+        "IRM_BROKER_PID_FILE",
+        # written to broker/broker.env by tools/broker.py, read by demos
+        "IRM_ROUTER_PORT",
+        "IRM_TLS_PORT",
+        "IRM_ADMIN_USERNAME",
+        "IRM_ADMIN_PASSWORD",
+        # the tests' and the benchmarks' PostgreSQL servers
+        "IRM_TEST_POSTGRES",
+        "IRM_BENCH_POSTGRES",
+    }
+)
+"""``IRM_*`` variables that belong to irm-tool, the demo broker, the tests or
+the benchmarks: the gateway ignores them without a warning. (irm-tool's
+IRM_DATABASE, IRM_STORE, IRM_BROKER_* and IRM_SMTP_* are settings too.)"""
 
 MASK = "********"
 SECRET_WORDS = ("password", "secret", "token")
@@ -270,13 +301,43 @@ def _typed(value: object) -> str:
     return text if text and text.strip() == text else repr(text)
 
 
+def known_variables() -> frozenset[str]:
+    """Every ``IRM_*`` variable that a setting, the gateway or a tool reads."""
+    settings = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    return frozenset(settings) | GATEWAY_VARIABLES | OTHER_VARIABLES
+
+
+def stray_variables(names: Iterable[str]) -> list[str]:
+    """A warning for each ``IRM_*`` name that nothing reads: a typo, likely.
+
+    Warnings, not errors, as the gateway's environment may hold variables of
+    the tools it does not know of. Compared in capitals, as the settings are
+    read (a lower-case ``irm_broker_port`` sets broker_port).
+    """
+    known = known_variables()
+    found = []
+    for name in sorted(names):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        near = difflib.get_close_matches(upper, sorted(known), n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        found.append(
+            f"environment variable {name} is not a setting and is ignored{hint} "
+            "('irm-gateway check-config' lists the settings)"
+        )
+    return found
+
+
 # -- cautions ------------------------------------------------------------------
 
 
 def cautions(settings: Settings) -> list[str]:
-    """What is valid but will not work with the broker configuration that ships.
+    """What is valid but will not work: with the broker configuration that
+    ships, or for want of the database.
 
-    Warnings, not errors: a broker of the operator's own may admit it.
+    Warnings, not errors: a broker of the operator's own may admit it, and
+    the database may be made before the gateway starts.
     """
     found = []
     if settings.broker_username is None:
@@ -285,6 +346,15 @@ def cautions(settings: Settings) -> list[str]:
             "anonymous client, so the broker will refuse the gateway (MQTT code "
             '135, not authorized): set broker_username = "_gateway" and its '
             "broker_password"
+        )
+    database = settings.database
+    if settings.store is None and not database.exists():
+        where = "" if database.is_absolute() else f" (here, {database.absolute()})"
+        found.append(
+            f"database {database}{where} does not exist: the gateway will "
+            "refuse to start; create it by adding the first tenant, as the "
+            f"gateway's user: irm-tool --database {shlex.quote(str(database))} "
+            "tenant add TENANT (or check the path)"
         )
     return found
 

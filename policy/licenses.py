@@ -10,6 +10,9 @@ instants the admin chose (activation) and the ones the code carries
           non-redeemable               the tenant (Cloud Free only) ──►
                                        invalidated, for good
 
+A scheduled activation can be cancelled before its instant
+(:func:`cancel_activation`): the license is available again.
+
 Validity is the half-open interval [activation, expiry): at the expiry
 instant a license is already expired, and at the stock limit a license is
 already non-redeemable.
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
 
 from policy.errors import RuleViolation
@@ -27,6 +30,13 @@ from policy.timeutil import add_local_months, add_months, to_text, utc
 
 STOCK_MONTHS = 24
 FREE_MAX_CAPACITY = 1000
+CANCEL_LEAD = timedelta(seconds=3)
+"""How long before its instant a scheduled activation can still be cancelled.
+
+A running gateway sees the tool's change within a second (it polls the
+store at most every second); closer to the instant it may already be
+admitting routers on the license, so a cancellation is refused then.
+"""
 
 
 class Kind(StrEnum):
@@ -252,6 +262,36 @@ def activate(
     if lic.kind is Kind.FREE:
         _check_free_alone(scheduled, others)
     return scheduled
+
+
+def cancel_activation(
+    lic: License, now: datetime, tenant_licenses: Sequence[License]
+) -> License:
+    """Cancel the scheduled activation of ``lic``: it is available again.
+
+    Only a scheduled license can be cancelled, and only up to
+    :data:`CANCEL_LEAD` before its instant; it keeps its issue date, and
+    so its stock limit. Refuses, naming the rule, anything else.
+    """
+    state = state_at(lic, now, paid_since(tenant_licenses))
+    rule = "only a scheduled activation can be cancelled, before its instant"
+    if state is State.ACTIVE or state is State.EXPIRED:
+        assert lic.activation_at is not None
+        raise RuleViolation(
+            f"license {lic.id} is already {state}: it became active at "
+            f"{to_text(lic.activation_at)} (now is {to_text(now)}); {rule}"
+        )
+    if state is not State.SCHEDULED:
+        raise RuleViolation(f"license {lic.id} is {state}, not scheduled; {rule}")
+    assert lic.activation_at is not None
+    if lic.activation_at - now < CANCEL_LEAD:
+        raise RuleViolation(
+            f"license {lic.id} becomes active at {to_text(lic.activation_at)}, "
+            f"less than {CANCEL_LEAD.total_seconds():g} seconds from now "
+            f"({to_text(now)}): a running gateway may already be activating it; "
+            f"{rule}, at least {CANCEL_LEAD.total_seconds():g} seconds before it"
+        )
+    return replace(lic, activation_at=None)
 
 
 def _check_free_alone(free: License, others: Sequence[License]) -> None:

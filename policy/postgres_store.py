@@ -43,6 +43,7 @@ from policy.store import (
     RouterRow,
     Tenant,
     TenantData,
+    check_cancellable,
 )
 from policy.timeutil import to_text as _text
 
@@ -363,6 +364,35 @@ class PostgresStore:
                     "expires_at": _text(lic.expires_at),
                 }
                 rows.append((now, tenant, "license", lic.id, "activated", detail))
+            await _audit(db, rows, actor)
+            await _changed(db, tenant, now)
+
+    async def cancel_activations(
+        self, tenant: str, licenses: Sequence[License], now: datetime, actor: str
+    ) -> None:
+        async with self._tx() as db:
+            rows = []
+            for lic in licenses:
+                row = await _one(
+                    db,
+                    "SELECT state, activation_at FROM licenses"
+                    " WHERE id = %s AND tenant = %s FOR UPDATE",
+                    (lic.id, tenant),
+                )
+                check_cancellable(lic, None if row is None else (row[0], row[1]))
+                await db.execute(
+                    "UPDATE licenses SET activation_at = NULL, state = %s"
+                    " WHERE id = %s",
+                    (State.AVAILABLE.value, lic.id),
+                )
+                detail = {
+                    "from": State.SCHEDULED.value,
+                    "to": State.AVAILABLE.value,
+                    "activation_at": _text(lic.activation_at),
+                }
+                rows.append(
+                    (now, tenant, "license", lic.id, "activation_cancelled", detail)
+                )
             await _audit(db, rows, actor)
             await _changed(db, tenant, now)
 

@@ -41,6 +41,7 @@ from policy.store import (
     RouterRow,
     Tenant,
     TenantData,
+    check_cancellable,
 )
 from policy.timeutil import from_text, to_text
 
@@ -420,6 +421,40 @@ class SqliteStore:
                 await _audit(
                     db, stamp, tenant, "license", lic.id, "activated", detail, actor
                 )
+            await db.execute(
+                "INSERT INTO changes (tenant, at) VALUES (?, ?)", (tenant, stamp)
+            )
+
+    async def cancel_activations(
+        self, tenant: str, licenses: Sequence[License], now: datetime, actor: str
+    ) -> None:
+        stamp = to_text(now)
+        async with self._write() as db:
+            for lic in licenses:
+                cancelled = to_text(lic.activation_at)
+                row = await _one(
+                    db,
+                    "SELECT state, activation_at FROM licenses"
+                    " WHERE id = ? AND tenant = ?",
+                    (lic.id, tenant),
+                )
+                check_cancellable(
+                    lic,
+                    None if row is None else (row[0], from_text(row[1])),
+                )
+                await db.execute(
+                    "UPDATE licenses SET activation_at = NULL, state = ? WHERE id = ?",
+                    (State.AVAILABLE.value, lic.id),
+                )
+                detail: dict[str, Any] = {
+                    "from": State.SCHEDULED.value,
+                    "to": State.AVAILABLE.value,
+                    "activation_at": cancelled,
+                }
+                await _audit(
+                    db, stamp, tenant, "license", lic.id, "activation_cancelled",
+                    detail, actor,
+                )  # fmt: skip
             await db.execute(
                 "INSERT INTO changes (tenant, at) VALUES (?, ?)", (tenant, stamp)
             )

@@ -15,7 +15,9 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from policy.admission import Event, Place
+from policy.errors import RuleViolation
 from policy.licenses import License, State
+from policy.timeutil import to_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,17 @@ class Store(Protocol):
         actor: str,
     ) -> None: ...
 
+    async def cancel_activations(
+        self, tenant: str, licenses: Sequence[License], now: datetime, actor: str
+    ) -> None:
+        """Make scheduled licenses available again, all or nothing.
+
+        ``licenses`` are as read, each still carrying the activation instant
+        to cancel: a license whose stored instant or state is no longer that
+        (the gateway recorded it active meanwhile) is refused.
+        """
+        ...
+
     async def register_routers(
         self, tenant: str, routers: Sequence[str], now: datetime, actor: str
     ) -> list[str]: ...
@@ -201,3 +214,22 @@ class Store(Protocol):
     ) -> list[ReminderMail]: ...
 
     async def fingerprints(self, license_ids: Collection[str]) -> dict[str, str]: ...
+
+
+def check_cancellable(lic: License, stored: tuple[str, datetime | None] | None) -> None:
+    """Refuse to cancel ``lic`` unless stored as scheduled at its instant still.
+
+    ``stored`` is the license's row, ``(state, activation_at)``, read in the
+    cancelling transaction; the gateway records a license it activated as
+    active there.
+    """
+    rule = "only a scheduled activation can be cancelled, before its instant"
+    if stored is not None and stored[0] in (State.ACTIVE, State.EXPIRED):
+        raise RuleViolation(
+            f"license {lic.id} is already {stored[0]}: the gateway activated it at "
+            f"{to_text(stored[1])}; {rule}; nothing was cancelled"
+        )
+    if stored != (State.SCHEDULED, lic.activation_at) or lic.activation_at is None:
+        raise RuleViolation(
+            f"license {lic.id} changed meanwhile; nothing was cancelled"
+        )

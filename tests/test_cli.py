@@ -1049,3 +1049,114 @@ def test_a_contact_differing_only_in_case_is_not_added_twice(tool: Tool) -> None
         "tenant": "acme",
         "contacts": ["Boss@acme.example", "ops@acme.example"],
     }
+
+
+def test_a_tenant_differing_only_in_case_from_another_is_refused(tool: Tool) -> None:
+    refused = tool.fails("tenant", "add", "ACME")
+
+    assert (
+        "irm-tool: tenant 'ACME' would differ from existing tenant 'acme' only in case"
+    ) in refused.stderr
+    listed = tool.json("tenant", "list")["tenants"]
+    assert [t["tenant"] for t in listed] == ["acme"]
+    again = tool.ok("tenant", "add", "acme", "--tz", "Europe/Berlin")
+    assert "tenant acme exists already" in again.stdout
+
+
+def test_a_tenant_named_in_the_wrong_case_gets_a_suggestion(tool: Tool) -> None:
+    shown = tool.fails("tenant", "show", "Acme")
+    listed = tool.fails("licenses", "--tenant", "ACME")
+    unknown = tool.fails("tenant", "show", "globex")
+
+    assert "irm-tool: no tenant 'Acme'; did you mean 'acme'?" in shown.stderr
+    assert "irm-tool: no tenant 'ACME'; did you mean 'acme'?" in listed.stderr
+    assert "unknown tenant 'globex': add it first" in unknown.stderr
+
+
+# -- unschedule ------------------------------------------------------------------
+
+
+def test_unscheduling_makes_a_scheduled_license_available_again(tool: Tool) -> None:
+    tool.add("acme", code("L1"), code("L2"))
+    tool.ok("activate", "--tenant", "acme", "L1", "L2", "--at", "2025-07-01")
+    before = tool.licenses()["L1"]
+
+    report = tool.json("unschedule", "--tenant", "acme", "L1")
+
+    (item,) = report["unscheduled"]
+    assert (item["id"], item["state"], item["activation_at"]) == (
+        "L1", "available", None,
+    )  # fmt: skip
+    assert item["cancelled_activation_at"] == "2025-06-30T22:00:00Z"
+    after = tool.licenses()
+    assert after["L1"]["state"] == "available"
+    assert after["L1"]["stock_limit"] == before["stock_limit"]
+    assert after["L2"]["state"] == "scheduled"
+    entries = tool.json("audit", "--tenant", "acme", "--license", "L1")["entries"]
+    assert (entries[-1]["event"], entries[-1]["actor"], entries[-1]["at"]) == (
+        "activation_cancelled", "admin", NOW,
+    )  # fmt: skip
+    assert entries[-1]["detail"]["activation_at"] == "2025-06-30T22:00:00Z"
+    tool.ok("activate", "--tenant", "acme", "L1", "--at", "2025-08-01")
+    assert tool.licenses()["L1"]["state"] == "scheduled"
+
+
+def test_unschedule_prints_what_it_cancelled_and_warns_of_now(tool: Tool) -> None:
+    tool.add("acme", code("L1"))
+    tool.ok("activate", "--tenant", "acme", "L1", "--at", "2025-07-01")
+
+    result = tool.ok("unschedule", "--tenant", "acme", "L1")
+
+    assert "L1" in result.stdout
+    assert "1 scheduled activation(s) cancelled, available again" in result.stdout
+    assert "2025-07-01 00:00" in result.stdout
+    assert result.stderr.count(WARNING) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("lid", "said"),
+    [
+        ("L1", "license L1 is available, not scheduled"),
+        ("L2", "license L2 is already active: it became active at 2025-06-01T09:00"),
+        ("L3", "license L3 is already active"),
+        ("G1", "tenant acme has no license G1"),
+        ("nope", "tenant acme has no license nope"),
+    ],
+)
+def test_unscheduling_what_is_not_scheduled_is_refused_and_changes_nothing(
+    tool: Tool, lid: str, said: str
+) -> None:
+    tool.ok("tenant", "add", "globex")
+    tool.add("globex", code("G1"))
+    tool.ok("activate", "--tenant", "globex", "G1", "--at", "2025-07-01")
+    tool.add("acme", code("L1"), code("L2"), code("L3"), code("L4"))
+    earlier = "2025-06-01T09:00:00Z"
+    tool.ok("activate", "--tenant", "acme", "L2", now=earlier)
+    tool.ok("activate", "--tenant", "acme", "L3", "--at", NOW, now=earlier)
+    tool.ok("activate", "--tenant", "acme", "L4", "--at", "2025-07-01")
+    # L3's instant passed between the admin's look (09:30) and the command.
+    assert tool.licenses(now="2025-06-01T09:30:00Z")["L3"]["state"] == "scheduled"
+    before = tool.json("audit", "--tenant", "acme")["entries"]
+
+    refused = tool.fails("unschedule", "--tenant", "acme", "L4", lid)
+
+    assert said in " ".join(refused.stderr.split())
+    assert tool.licenses()["L4"]["state"] == "scheduled"
+    assert tool.json("audit", "--tenant", "acme")["entries"] == before
+
+
+def test_all_scheduled_unschedules_every_scheduled_license(tool: Tool) -> None:
+    tool.add("acme", code("L1"), code("L2"), code("L3"))
+    tool.ok("activate", "--tenant", "acme", "L1")
+    tool.ok("activate", "--tenant", "acme", "L2", "L3", "--at", "2025-07-01")
+
+    report = tool.json("unschedule", "--tenant", "acme", "--all-scheduled")
+    again = tool.ok("unschedule", "--tenant", "acme", "--all-scheduled")
+    usage = tool.run("unschedule", "--tenant", "acme")
+
+    assert sorted(item["id"] for item in report["unscheduled"]) == ["L2", "L3"]
+    states = {lid: lic["state"] for lid, lic in tool.licenses().items()}
+    assert states == {"L1": "active", "L2": "available", "L3": "available"}
+    assert "tenant acme has no scheduled license: nothing done" in again.stdout
+    assert usage.exit_code == 2
+    assert "--all-scheduled" in usage.stderr

@@ -7,22 +7,29 @@ setting leaks in from the shell that runs the tests.
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 from pydantic import SecretStr
 
 from gateway.__main__ import cli
-from gateway.config import MASK, ConfigError, Settings, load, shown
+from gateway.config import MASK, ConfigError, Settings, known_variables, load, shown
 
 CLEAN_ENV: dict[str, str | None] = {
     f"IRM_{name.upper()}": None for name in (*Settings.model_fields, "config")
 }
+ROOT = Path(__file__).parent.parent
 
 
 def gateway(*args: str, **env: str) -> Result:
-    runner = CliRunner(env={**CLEAN_ENV, **env})
+    # Any IRM_* variable of the shell is hidden too: unknown ones are warned of.
+    shell = {name: None for name in os.environ if name.upper().startswith("IRM_")}
+    runner = CliRunner(env={**shell, **CLEAN_ENV, **env})
     return runner.invoke(cli, list(args), catch_exceptions=False)
 
 
@@ -222,10 +229,16 @@ def test_check_config_warns_of_a_gateway_without_a_broker_account() -> None:
     assert "(MQTT code 135, not authorized)" in result.stderr
 
 
-def test_check_config_does_not_warn_of_a_gateway_with_its_account() -> None:
+def test_check_config_does_not_warn_of_a_gateway_with_its_account(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "irm.db"
+    database.touch()
+
     result = gateway(
-        "check-config", "--broker-username", "_gateway", IRM_BROKER_PASSWORD="s"
-    )
+        "check-config", "--broker-username", "_gateway", "--database",
+        str(database), IRM_BROKER_PASSWORD="s",
+    )  # fmt: skip
 
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
@@ -276,3 +289,140 @@ def test_run_reads_the_same_settings_and_refuses_the_same_way() -> None:
 
     assert result.exit_code == 2
     assert result.stderr.startswith("irm-gateway: --broker-port = 0: must be")
+
+
+# -- warnings: stray IRM_* variables, a missing database -----------------------
+
+
+def quiet(tmp_path: Path) -> tuple[str, ...]:
+    """Options under which check-config has nothing else to warn of."""
+    database = tmp_path / "irm.db"
+    database.touch()
+    return ("--broker-username", "_gateway", "--database", str(database))
+
+
+def test_check_config_warns_of_a_misspelled_variable_suggesting_the_setting(
+    tmp_path: Path,
+) -> None:
+    result = gateway(
+        "check-config", "--json", *quiet(tmp_path),
+        IRM_BROKER_PORTT="1884", IRM_LEASE_SECOND="30",
+    )  # fmt: skip
+
+    assert effective(result)["broker_port"] == 18830
+    assert result.stderr.splitlines() == [
+        "irm-gateway: warning: environment variable IRM_BROKER_PORTT is not a "
+        "setting and is ignored; did you mean IRM_BROKER_PORT? "
+        "('irm-gateway check-config' lists the settings)",
+        "irm-gateway: warning: environment variable IRM_LEASE_SECOND is not a "
+        "setting and is ignored; did you mean IRM_LEASE_SECONDS? "
+        "('irm-gateway check-config' lists the settings)",
+    ]
+
+
+def test_a_variable_far_from_any_gets_no_suggestion(tmp_path: Path) -> None:
+    result = gateway("check-config", *quiet(tmp_path), IRM_XYZZY="1")
+
+    assert result.exit_code == 0, result.stderr
+    assert "IRM_XYZZY is not a setting and is ignored (" in result.stderr
+
+
+def _envvars(command: click.Command) -> Iterator[str]:
+    for param in command.params:
+        envvar = param.envvar
+        yield from [envvar] if isinstance(envvar, str) else list(envvar or [])
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            yield from _envvars(sub)
+
+
+def test_no_variable_of_the_tools_or_the_gateway_is_warned_of(tmp_path: Path) -> None:
+    from tools.cli import cli as irm_tool  # noqa: PLC0415 - only this test
+
+    used = {*_envvars(irm_tool), *_envvars(cli)}
+    assert {"IRM_NOW", "IRM_DATABASE", "IRM_VENDOR_PUBLIC_KEY", "IRM_STORE"} <= used
+    tools = dict.fromkeys(used - set(CLEAN_ENV), "1")
+
+    result = gateway("check-config", *quiet(tmp_path), **tools)
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    assert used <= known_variables()
+
+
+def test_every_irm_variable_the_code_names_is_known() -> None:
+    """Variables read with os.environ, or written for demos, count too."""
+    named = set()
+    for folder in ("gateway", "policy", "tools", "bench", "scripts", "deploy"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file() and path.suffix not in {".pyc", ".png", ".db"}:
+                text = path.read_text(errors="replace")
+                named |= set(re.findall(r"\bIRM_[A-Z0-9_]*[A-Z0-9]\b", text))
+    named |= set(
+        re.findall(r"\bIRM_[A-Z0-9_]+\b", (ROOT / "tests/postgres.py").read_text())
+    )
+
+    assert {"IRM_ROUTER_PORT", "IRM_BENCH_POSTGRES", "IRM_NOW"} <= named
+    assert named - known_variables() == set()
+
+
+def test_the_gateway_warns_of_a_misspelled_variable_when_it_starts(
+    tmp_path: Path,
+) -> None:
+    result = gateway(
+        "run", "--database", str(tmp_path / "none.db"), "--log-format", "json",
+        IRM_GATEWAY_IDD="gw9",
+    )  # fmt: skip
+
+    assert result.exit_code == 1  # the database is missing: it stops there
+    events = [json.loads(line) for line in result.output.splitlines()]
+    assert events[0]["event"] == "environment variable ignored"
+    assert events[0]["level"] == "warning"
+    assert (
+        "IRM_GATEWAY_IDD is not a setting and is ignored; did you mean "
+        in (events[0]["warning"])
+    )
+
+
+def test_check_config_warns_of_a_database_that_does_not_exist(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "var" / "irm.db"
+
+    result = gateway(
+        "check-config", "--broker-username", "_gateway", "--database", str(missing)
+    )
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (
+        f"irm-gateway: warning: database {missing} does not exist: the gateway "
+        "will refuse to start; create it by adding the first tenant, as the "
+        f"gateway's user: irm-tool --database {missing} tenant add TENANT "
+        "(or check the path)\n"
+    )
+
+
+def test_a_relative_database_is_named_where_it_would_be(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    result = gateway("check-config", "--broker-username", "_gateway")
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith(
+        f"irm-gateway: warning: database irm.db (here, {tmp_path / 'irm.db'}) "
+        "does not exist"
+    )
+    assert "irm-tool --database irm.db tenant add TENANT" in result.stderr
+
+
+def test_a_postgres_store_needs_no_database_file(tmp_path: Path) -> None:
+    result = gateway(
+        "check-config", "--broker-username", "_gateway",
+        "--database", str(tmp_path / "none.db"),
+        "--store", "postgresql://irm@db.example/irm",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""

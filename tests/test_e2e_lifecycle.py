@@ -334,3 +334,54 @@ async def test_paid_activation_invalidates_cloud_free_and_reseats_the_first_arri
     for router in routers:
         await router.disconnect()
     gateway.stop()
+
+
+async def test_a_cancelled_scheduled_activation_never_takes_effect(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Scheduled a few seconds ahead, then unscheduled: at its instant the
+    waiting router stays waiting and the license stays available."""
+    db = tmp_path / "irm.db"
+    await seed_tenant(db, "T", basic1=1)
+    (spare,) = await add_available(db, "T")
+    gateway = GatewayProcess(broker, db, tmp_path / "gw.log")
+    await gateway.start()
+    first = sim_router(broker, "T", "R1")
+    waiting = sim_router(broker, "T", "R2")
+    for router in (first, waiting):
+        await router.connect()
+        await router.ask()
+
+    # Far enough ahead for two tool runs to end before CANCEL_LEAD (3 s)
+    # before the instant.
+    at = datetime.now(UTC) + timedelta(seconds=8)
+    ok(db, "activate", "--tenant", "T", spare.id, "--at", instant(at))
+    # The gateway has the instant in its timetable before it is cancelled.
+    await gateway.until_logged("licenses reloaded", tenant="T")
+    ok(db, "unschedule", "--tenant", "T", spare.id)
+    await gateway.until_logged("licenses reloaded", count=2, tenant="T")
+
+    # Nothing is to happen, so there is nothing to await: pass the instant,
+    # plus a margin well over the milliseconds the gateway takes to act on
+    # an instant it has (the scheduled-activation test above).
+    await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()) + 1.5)
+
+    assert waiting.heard.empty()
+    assert first.heard.empty()
+    listed = tool_json(db, "licenses", "--tenant", "T")["licenses"]
+    assert {lic["id"]: lic["state"] for lic in listed}[spare.id] == "available"
+    routers = tool_json(db, "routers", "--tenant", "T")["routers"]
+    assert [(r["router"], r["state"]) for r in routers] == [
+        ("R1", "online"), ("R2", "waiting"),
+    ]  # fmt: skip
+    entries = tool_json(db, "audit", "--tenant", "T", "--license", spare.id)
+    assert [e["event"] for e in entries["entries"]] == [
+        "imported", "activated", "activation_cancelled",
+    ]  # fmt: skip
+    # The gateway is alive and still watching: activated now, it admits R2.
+    ok(db, "activate", "--tenant", "T", spare.id)
+    admitted = await waiting.next_decision(10)
+    assert (admitted.decision, admitted.cause) == ("accept", "capacity")
+    for router in (first, waiting):
+        await router.disconnect()
+    gateway.stop()

@@ -12,6 +12,7 @@ import pytest
 
 from policy.errors import RuleViolation
 from policy.licenses import (
+    CANCEL_LEAD,
     NO_CAPACITY,
     Capacity,
     Kind,
@@ -19,6 +20,7 @@ from policy.licenses import (
     State,
     Tier,
     activate,
+    cancel_activation,
     capacity_at,
     check_capacity,
     check_redeemable,
@@ -687,3 +689,82 @@ def test_an_unused_cloud_free_license_is_invalidated_when_a_paid_one_starts() ->
     ]
     with pytest.raises(RuleViolation, match="invalid for good"):
         activate(free, start, start, [free, paid])
+
+
+# -- cancelling a scheduled activation ------------------------------------------
+
+LATER = at(2025, 7, 1)
+
+
+def test_cancelling_a_scheduled_activation_makes_the_license_available_again() -> None:
+    scheduled = activate(lic("a"), LATER, NOW, [lic("a")])
+
+    cancelled = cancel_activation(scheduled, NOW, [scheduled])
+
+    assert cancelled == lic("a")
+    assert cancelled.stock_limit == scheduled.stock_limit
+    assert state_in([cancelled], "a", NOW) is State.AVAILABLE
+    assert next_change_after([cancelled], NOW) == cancelled.stock_limit
+    again = activate(cancelled, at(2025, 8, 1), NOW, [cancelled])
+    assert state_in([again], "a", NOW) is State.SCHEDULED
+
+
+def test_cancelling_is_allowed_until_the_lead_before_the_instant() -> None:
+    scheduled = lic("a", activation=NOW + CANCEL_LEAD)
+
+    assert cancel_activation(scheduled, NOW, [scheduled]).activation_at is None
+    with pytest.raises(RuleViolation, match="may already be activating it"):
+        cancel_activation(scheduled, NOW + US, [scheduled])
+
+
+def test_cancelling_a_paid_license_revives_a_scheduled_free_one() -> None:
+    free = lic("f", Kind.FREE, activation=at(2025, 6, 15))
+    paid = lic("p", activation=at(2025, 6, 10))
+    assert state_in([free, paid], "f", at(2025, 6, 20)) is State.INVALIDATED
+
+    left = [free, cancel_activation(paid, NOW, [free, paid])]
+
+    assert state_in(left, "f", at(2025, 6, 20)) is State.ACTIVE
+
+
+@pytest.mark.parametrize(
+    ("subject", "others", "rule"),
+    [
+        pytest.param(lic("a"), [], "is available, not scheduled", id="available"),
+        pytest.param(
+            lic("a", activation=NOW),
+            [],
+            "already active: it became active at 2025-06-01T12:00:00Z",
+            id="active-at-its-instant",
+        ),
+        pytest.param(
+            lic("a", activation=NOW - US), [], "already active", id="instant-passed"
+        ),
+        pytest.param(
+            lic("a", activation=OLD, issued=OLD), [], "already expired", id="expired"
+        ),
+        pytest.param(
+            lic("a", issued=OLD), [], "is non-redeemable, not", id="non-redeemable"
+        ),
+        pytest.param(
+            lic("f", Kind.FREE, activation=LATER),
+            [lic("p", activation=NOW)],
+            "is invalidated, not scheduled",
+            id="invalidated-free",
+        ),
+        pytest.param(
+            lic("a", activation=NOW + CANCEL_LEAD - US),
+            [],
+            "less than 3 seconds from now",
+            id="within-the-lead",
+        ),
+    ],
+)
+def test_cancelling_refuses_what_is_not_scheduled_naming_the_rule(
+    subject: License, others: list[License], rule: str
+) -> None:
+    with pytest.raises(RuleViolation, match=rule) as refused:
+        cancel_activation(subject, NOW, [*others, subject])
+
+    assert f"license {subject.id} " in str(refused.value)
+    assert "only a scheduled activation can be cancelled" in str(refused.value)

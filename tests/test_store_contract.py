@@ -11,7 +11,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from policy.admission import Cause, Joined, Left, Place, Reason, SeatChanged, Verdict
+from policy.admission import (
+    Cause,
+    Joined,
+    Left,
+    LicenseChanged,
+    Place,
+    Reason,
+    SeatChanged,
+    Verdict,
+)
 from policy.errors import RuleViolation, StoreError
 from policy.licenses import Kind, State, Tier
 from policy.postgres_store import MIGRATIONS, PostgresStore
@@ -210,3 +219,77 @@ async def test_gateways_on_one_postgresql_share_one_unguessable_secret(
 
     assert len(secret) == 32
     assert int(secret, 16) > 0
+
+
+async def test_a_cancelled_activation_is_stored_audited_and_announced(
+    store: Store,
+) -> None:
+    await store.add_tenant("T", "UTC", NOW)
+    lic, code = mint(Kind.BASIC_1, NOW - timedelta(days=3))
+    lic = replace(lic, tenant="T", imported_at=NOW)
+    await store.add_licenses("T", [(lic, code)], NOW, "admin")
+    at = NOW + timedelta(days=2, microseconds=123)
+    scheduled = replace(lic, activation_at=at)
+    await store.save_activations(
+        "T", [scheduled], {lic.id: State.SCHEDULED}, NOW, "admin"
+    )
+    seq, _ = await store.changes_after(0)
+    later = NOW + timedelta(hours=1)
+
+    await store.cancel_activations("T", [scheduled], later, "admin")
+
+    assert await store.licenses("T") == [replace(lic, tz="UTC")]
+    assert await store.license_states("T") == {lic.id: State.AVAILABLE}
+    entry = (await store.audit("T", "license", lic.id))[-1]
+    assert (entry.event, entry.at, entry.actor) == (
+        "activation_cancelled", later, "admin",
+    )  # fmt: skip
+    assert entry.detail == {
+        "from": "scheduled",
+        "to": "available",
+        "activation_at": "2026-03-03T12:00:00.000123Z",
+    }
+    assert (await store.changes_after(seq))[1] == {"T"}
+    again = replace(lic, activation_at=NOW + timedelta(days=5))
+    await store.save_activations("T", [again], {lic.id: State.SCHEDULED}, NOW, "x")
+    assert (await store.licenses("T"))[0].activation_at == again.activation_at
+
+
+async def test_cancelling_what_is_no_longer_scheduled_changes_nothing(
+    store: Store,
+) -> None:
+    await store.add_tenant("T", "UTC", NOW)
+    await store.add_tenant("U", "UTC", NOW)
+    items = [mint(Kind.BASIC_1, NOW - timedelta(days=3)) for _ in range(3)]
+    items = [(replace(lic, tenant="T", imported_at=NOW), c) for lic, c in items]
+    await store.add_licenses("T", items, NOW, "admin")
+    ok, went, never = (
+        replace(lic, activation_at=NOW + timedelta(days=1)) for lic, _ in items
+    )
+    states = {ok.id: State.SCHEDULED, went.id: State.SCHEDULED}
+    await store.save_activations("T", [ok, went], states, NOW, "admin")
+    # The gateway passed the instant of ``went`` and recorded it active.
+    await store.apply(
+        [LicenseChanged("T", went.id, State.SCHEDULED, State.ACTIVE, NOW)], NOW
+    )
+    seq, _ = await store.changes_after(0)
+    before = await store.audit("T")
+
+    with pytest.raises(RuleViolation, match=f"license {went.id} is already active"):
+        await store.cancel_activations("T", [ok, went], NOW, "admin")
+    with pytest.raises(RuleViolation, match=f"license {never.id} changed meanwhile"):
+        await store.cancel_activations("T", [ok, never], NOW, "admin")
+    moved = replace(ok, activation_at=NOW + timedelta(days=2))
+    with pytest.raises(RuleViolation, match=f"license {ok.id} changed meanwhile"):
+        await store.cancel_activations("T", [moved], NOW, "admin")
+    with pytest.raises(RuleViolation, match=f"license {ok.id} changed meanwhile"):
+        await store.cancel_activations("U", [ok], NOW, "admin")
+
+    assert await store.license_states("T") == {
+        ok.id: State.SCHEDULED, went.id: State.ACTIVE, never.id: State.AVAILABLE,
+    }  # fmt: skip
+    assert {lic.id: lic.activation_at for lic in await store.licenses("T")} == {
+        ok.id: ok.activation_at, went.id: went.activation_at, never.id: None,
+    }  # fmt: skip
+    assert await store.audit("T") == before
+    assert await store.changes_after(seq) == (seq, set())

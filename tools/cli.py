@@ -19,7 +19,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
@@ -43,6 +43,7 @@ from policy.licenses import (
     License,
     State,
     activate,
+    cancel_activation,
     capacity_at,
     invalidated_at,
     next_change_after,
@@ -183,6 +184,7 @@ _WRITES = frozenset(
         "add_tenant",
         "add_licenses",
         "save_activations",
+        "cancel_activations",
         "register_routers",
         "apply",
         "add_contacts",
@@ -227,10 +229,26 @@ def _warn_demo(path: Path, instead: str) -> None:
 async def _tenant(store: Store, name: str) -> Tenant:
     found = await store.tenant(name)
     if found is None:
+        near = await _case_twin(store, name)
+        if near is not None:
+            raise BadInput(f"no tenant {name!r}; did you mean {near.id!r}?")
         raise BadInput(
             f"unknown tenant {name!r}: add it first with 'irm-tool tenant add {name}'"
         )
     return found
+
+
+async def _case_twin(store: Store, name: str) -> Tenant | None:
+    """The tenant whose id differs from ``name`` only in case, if one does.
+
+    Ids are compared exactly by the store, and a tenant cannot be removed:
+    the tool keeps ``ACME`` from being added beside ``acme`` instead.
+    """
+    folded = name.casefold()
+    for tenant in await store.tenants():
+        if tenant.id != name and tenant.id.casefold() == folded:
+            return tenant
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,6 +552,12 @@ def tenant_add(settings: Settings, tenant: str, tz: str) -> None:
 
     async def work(store: Store) -> bool:
         existed = await store.tenant(tenant) is not None
+        twin = None if existed else await _case_twin(store, tenant)
+        if twin is not None:
+            raise BadInput(
+                f"tenant {tenant!r} would differ from existing tenant "
+                f"{twin.id!r} only in case"
+            )
         await store.add_tenant(tenant, tz, settings.now)
         return existed
 
@@ -1068,6 +1092,99 @@ def _print_activation(report: Any, tz: str) -> None:
             f"good at {clock.local(item['at'])}, when a paid license becomes "
             "active: Cloud Free is never combined with paid licenses"
         )
+
+
+@cli.command("unschedule")
+@click.argument("license_ids", nargs=-1, metavar="[LICENSE_ID]...")
+@click.option(
+    "--tenant", required=True, help="The tenant whose licenses to unschedule."
+)
+@click.option(
+    "--all-scheduled", is_flag=True, help="Unschedule every scheduled license too."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_settings
+def unschedule_command(
+    settings: Settings,
+    license_ids: tuple[str, ...],
+    tenant: str,
+    all_scheduled: bool,
+    as_json: bool,
+) -> None:
+    """Cancel scheduled activations (activate --at) before their instant.
+
+    Each license is available again, with its stock limit unchanged, to be
+    activated or scheduled later. All or nothing: a license that is not
+    scheduled (or becomes active within seconds) is refused, naming the
+    license and the rule, and none is changed.
+    """
+    if not license_ids and not all_scheduled:
+        raise click.UsageError(
+            "name the LICENSE_IDs to unschedule or give --all-scheduled"
+        )
+    settings.warn_acting()
+    tenant_row, cancelled, paid_from = settings.run(
+        lambda store: _unschedule(
+            store, tenant, license_ids, all_scheduled, settings.now
+        ),
+    )
+    items: list[dict[str, Any]] = [
+        {
+            **_license_json(replace(lic, activation_at=None), settings.now, paid_from),
+            "cancelled_activation_at": to_text(lic.activation_at),
+        }
+        for lic in cancelled
+    ]
+    report = {"tenant": tenant, "now": to_text(settings.now), "unscheduled": items}
+    if as_json:
+        _echo_json(report)
+        return
+    if not cancelled:
+        click.echo(f"tenant {tenant} has no scheduled license: nothing done")
+        return
+    moments = [
+        m for e in items for m in (e["cancelled_activation_at"], e["stock_limit"])
+    ]
+    clock = Clock.showing(tenant_row.tz, moments)
+    table = _table("license", "kind", "cancelled activation", "activate by")
+    for e in items:
+        table.add_row(
+            e["id"],
+            _kind_cell(e),
+            clock.cell(e["cancelled_activation_at"]),
+            clock.cell(e["stock_limit"]),
+        )
+    done = f"tenant {tenant}: {len(items)} scheduled activation(s) cancelled"
+    _print(table, f"{done}, available again; times in {tenant_row.tz}")
+
+
+async def _unschedule(
+    store: Store, name: str, ids: Sequence[str], all_scheduled: bool, now: datetime
+) -> tuple[Tenant, list[License], datetime | None]:
+    """Cancel the activations: the licenses as they were, instants included,
+    and when a paid license is active from afterwards."""
+    tenant = await _tenant(store, name)
+    licenses = await store.licenses(name)
+    by_id = {lic.id: lic for lic in licenses}
+    unknown = [lid for lid in ids if lid not in by_id]
+    if unknown:
+        raise BadInput(f"tenant {tenant.id} has no license {', '.join(unknown)}")
+    chosen = list(ids)
+    if all_scheduled:
+        paid_from = paid_since(licenses)
+        chosen += [
+            lic.id
+            for lic in licenses
+            if state_at(lic, now, paid_from) is State.SCHEDULED
+        ]
+    cancelled = [by_id[lid] for lid in dict.fromkeys(chosen)]
+    for lic in cancelled:
+        cancel_activation(lic, now, licenses)
+    if cancelled:
+        await store.cancel_activations(name, cancelled, now, actor=ADMIN)
+    gone = {lic.id for lic in cancelled}
+    after = [lic for lic in licenses if lic.id not in gone]
+    return tenant, cancelled, paid_since(after)
 
 
 # -- licenses --------------------------------------------------------------------
