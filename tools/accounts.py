@@ -250,7 +250,7 @@ def wait_for_reload(
     connect, or a revoked one's refusal, says that it has.
     """
     deadline = time.monotonic() + timeout
-    while connack(host, port, *login, tls=tls) != wanted:
+    while _answer(host, port, login, tls) != wanted:
         if time.monotonic() > deadline:
             raise BrokerError(
                 f"the broker on {host}:{port} did not take the change of "
@@ -259,6 +259,17 @@ def wait_for_reload(
                 "on the routers' port, IRM_ROUTER_PORT)?"
             )
         time.sleep(0.02)
+
+
+def _answer(
+    host: str, port: int, login: tuple[str, str], tls: ssl.SSLContext | None
+) -> int | None:
+    """:func:`connack`, or None when the broker dropped the probe unanswered
+    (it may, while it rereads its files): ask again."""
+    try:
+        return connack(host, port, *login, tls=tls)
+    except ConnectionError:
+        return None
 
 
 def provision(
