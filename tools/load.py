@@ -158,6 +158,8 @@ class _Worker:
         self._pending: dict[str, float] = {}
         self._answered = asyncio.Event()
         self._first_answer: dict[str, asyncio.Future[None]] = {}
+        self._stopping = asyncio.Event()
+        """Set when the run ends: churn finishes its round and stops."""
 
     def _router(self, tenant: str, name: str) -> SimRouter:
         username, password = self.spec.login(tenant, name)
@@ -295,7 +297,12 @@ class _Worker:
         period = max(1.0, self.spec.duration / 3)
         turn = 0
         while True:
-            await asyncio.sleep(period)
+            # A round is never cut short: a router cancelled while it
+            # disconnects would leave its connection half closed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), period)
+            if self._stopping.is_set():
+                return
             leaving = [
                 self.routers[(turn + i) % len(self.routers)] for i in range(count)
             ]
@@ -325,7 +332,9 @@ class _Worker:
                     await self.storm()
         finally:
             beats.cancel()
-            churn.cancel()
+            self._stopping.set()
+            await churn
+        await self._drain()  # the hellos of churn's last round
         self.summary.elapsed = time.monotonic() - start
         for router in self.routers:
             await router.disconnect()
