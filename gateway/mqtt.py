@@ -174,8 +174,14 @@ class _Client(gmqtt.Client):  # type: ignore[misc]
         self._problem: str | None = None
 
     async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        """gmqtt's, remembering why a connection could not be made."""
+        """gmqtt's, remembering why a connection could not be made.
+
+        None once the client is closed: gmqtt's reconnect sleeps its delay
+        and then connects without looking again, which would bring a
+        closed gateway back on line."""
         self._problem = None
+        if not self._is_active:
+            raise ConnectionAbortedError("the client is closed")
         try:
             return await super()._create_connection(*args, **kwargs)
         except OSError as exc:

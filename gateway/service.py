@@ -286,17 +286,38 @@ class Gateway:
         except Exception as exc:
             raise Redeliver("the decision could not be stored") from exc
 
-    def _handling_failed(self, inbound: Inbound, exc: Exception) -> None:
+    def _handling_failed(
+        self, inbound: Inbound, exc: Exception, batch: _Batch | None = None
+    ) -> None:
         """A message whose handling raised: logged as an error (its topic,
-        never its payload), counted as bad input, and a hello refused."""
+        never its payload), counted as bad input, and a hello refused.
+
+        Given the ``batch`` it was being decided in, the refusal goes out
+        with the batch's replies, after its commit; else at once (nothing
+        of it was stored)."""
         self.bad_input["unhandled"] += 1
         log.error("message handling failed", topic=inbound.topic, **failure(exc))
-        parts = protocol.split_topic(self.settings.prefix, inbound.topic)
+        try:
+            parts = protocol.split_topic(self.settings.prefix, inbound.topic)
+        except Exception:  # an unreadable topic: nobody to tell
+            return
         if parts is None or parts[2] != "hello":
             return
+        tenant, router, _ = parts
+        reason = Reason.MALFORMED_HELLO
         detail = "the gateway could not handle this hello: do not send it again"
         try:
-            self._refuse(parts[0], parts[1], Reason.MALFORMED_HELLO, inbound, detail)
+            if batch is None:
+                self._refuse(tenant, router, reason, inbound, detail)
+                return
+            now = self.clock()
+            reply = protocol.refusal(
+                tenant, router, reason, now, _ref_of(inbound.payload), detail
+            )
+            self.metrics.decided("reject", reason.value, Cause.HELLO.value)
+            topic = self._reply_topic(tenant, router, inbound)
+            payload = reply.model_dump_json().encode()
+            batch.replies.append((topic, payload, inbound.correlation))
         except Exception as again:
             log.error(  # noqa: TRY400 - no trace: it could quote the payload
                 "refusal failed", topic=inbound.topic, **failure(again)
@@ -433,8 +454,8 @@ class Gateway:
             await self._republish_presence()
         now = self.clock()
         batch = _Batch()
-        batch.events += self.admission.advance(now).events
-        items = []
+        # The tool's changes first: a scheduled activation cancelled just
+        # before its instant must never fire from the stale licenses.
         for entry in work:
             if isinstance(entry, _Reload):
                 outcome = self.admission.load_tenant(
@@ -442,7 +463,10 @@ class Gateway:
                 )
                 batch.events += outcome.events
                 log.info("licenses reloaded", tenant=entry.tenant)
-            elif isinstance(entry, _Item):
+        batch.events += self.admission.advance(now).events
+        items = []
+        for entry in work:
+            if isinstance(entry, _Item):
                 self._decide_one(entry, now, batch)
                 items.append(entry)
         started = time.perf_counter()
@@ -463,10 +487,19 @@ class Gateway:
         """Decide one message into ``batch``, whatever it raises: a message
         whose decision failed is refused like one that could not be read
         (:meth:`_handling_failed`), and the rest of the batch goes on."""
+        answered = len(batch.replies)
         try:
             self._decide_message(item, now, batch)
         except Exception as exc:
-            self._handling_failed(item.inbound, exc)
+            if len(batch.replies) > answered:
+                # Its answer is queued already: only bookkeeping failed.
+                self.bad_input["unhandled"] += 1
+                log.error(  # noqa: TRY400 - no trace: it could quote the payload
+                    "message handling failed", topic=item.inbound.topic,
+                    **failure(exc),
+                )  # fmt: skip
+            else:
+                self._handling_failed(item.inbound, exc, batch)
 
     def _decide_message(self, item: _Item, now: datetime, batch: _Batch) -> None:
         """The core's events join ``batch`` as soon as they are made, so that
@@ -485,11 +518,13 @@ class Gateway:
             outcome = self.admission.hello(tenant, router, message.session, now)
             batch.events += outcome.events
             assert outcome.verdict is not None
+            # The answer is what the core decided, queued before anything
+            # else can fail; it leaves after the batch's commit.
+            reply = self._decision(outcome.verdict, Cause.HELLO, now, message.ref)
+            self._reply(batch, item, reply)
             if outcome.events and isinstance(outcome.events[0], Joined):
                 self._watch_takeovers(outcome.events[0], now)
             self._log_decision(outcome.verdict, now, received=item.inbound.received)
-            reply = self._decision(outcome.verdict, Cause.HELLO, now, message.ref)
-            self._reply(batch, item, reply)
         elif isinstance(message, Heartbeat):
             outcome = self.admission.heartbeat(tenant, router, message.session, now)
             batch.events += outcome.events

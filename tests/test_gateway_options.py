@@ -10,7 +10,8 @@ import asyncio
 import json
 import os
 import subprocess
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,11 +23,12 @@ from gateway import protocol
 from gateway.__main__ import cli
 from gateway.config import Settings
 from gateway.mqtt import Inbound, Redeliver
-from gateway.service import Gateway, _Batch, _Item
-from policy.admission import Cause, Reason, Verdict
-from policy.licenses import Tier
+from gateway.service import Gateway, _Batch, _Item, _Reload
+from policy.admission import Cause, LicenseChanged, Reason, Verdict
+from policy.licenses import Kind, State, Tier
 from policy.store import Store
 from tests.conftest import BIN
+from tests.seeding import mint
 
 NOW = datetime(2026, 12, 3, 16, 38, 39, 412_000, tzinfo=UTC)
 OPTIONS = (
@@ -408,3 +410,94 @@ def test_a_database_that_cannot_be_opened_is_one_line_of_error_every_time(
         assert out == b""
         [line] = err.decode().splitlines()  # the log's one line, nothing after
         assert "cannot open database" in line
+
+
+class _RecordingStore:
+    """Stores nothing; remembers every batch of events, or fails."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.batches: list[list[Any]] = []
+
+    async def apply(self, events: list[Any], now: datetime) -> None:
+        if self.fail:
+            raise OSError("disk full")
+        self.batches.append(list(events))
+
+
+def _hello_item(router: str, ref: str) -> _Item:
+    message = protocol.Hello(v=1, session=f"s-{router}", ref=ref)
+    topic = protocol.topic(protocol.PREFIX, "acme", router, "hello")
+    inbound = Inbound(topic, message.model_dump_json().encode())
+    future = asyncio.get_running_loop().create_future()
+    return _Item("hello", "acme", router, message, inbound, future)
+
+
+async def test_a_hello_decided_before_its_bookkeeping_failed_keeps_its_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the core decided is stored and is the answer: no refusal that
+    contradicts the place the router now holds."""
+    gateway, outbox = _offline_gateway()
+    store = _RecordingStore()
+    gateway.store = cast(Store, store)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("metrics broke")
+
+    monkeypatch.setattr(gateway, "_log_decision", broken)
+    item = _hello_item("R01", "a")
+    await gateway._decide([item])
+    await _settled()
+
+    replies = [r for _, r in outbox.sent if r.get("type") == "decision"]
+    assert [(r["ref"], r["reason"]) for r in replies] == [("a", "no_valid_license")]
+    assert store.batches
+    assert store.batches[0]
+    assert gateway.bad_input["unhandled"] == 1
+    assert item.done.result() is None
+
+
+async def test_a_failed_decision_is_refused_only_after_its_batch_is_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refusal waits for the batch's commit like any answer: if the commit
+    fails, nothing was said, and the redelivered hello is decided afresh."""
+    gateway, outbox = _offline_gateway()
+    gateway.store = cast(Store, _RecordingStore(fail=True))
+
+    def broken(item: _Item, now: datetime, batch: _Batch) -> None:
+        raise KeyError(item.router)
+
+    monkeypatch.setattr(gateway, "_decide_message", broken)
+    item = _hello_item("R01", "a")
+    with pytest.raises(OSError, match="disk full"):
+        await gateway._decide([item])
+    await _settled()
+
+    assert [r for _, r in outbox.sent if r.get("type") == "decision"] == []
+    assert isinstance(item.done.exception(), OSError)
+
+
+async def test_a_cancelled_activation_never_fires_even_when_read_at_its_instant() -> (
+    None
+):
+    """The tool's reload and the instant in one batch: the reload counts
+    first, so the stale schedule never activates the license."""
+    store = _RecordingStore()
+    gateway = Gateway(Settings(), cast(Store, store), clock=lambda: NOW)
+    license, _ = mint(Kind.BASIC_1, NOW - timedelta(days=1))
+    license = replace(license, tenant="acme")
+    scheduled = replace(license, activation_at=NOW - timedelta(microseconds=1))
+    gateway.admission.load_tenant(
+        "acme", [scheduled], {license.id: State.SCHEDULED}, NOW - timedelta(seconds=5)
+    )
+    gateway._mqtt = cast(Any, _Outbox())
+
+    await gateway._decide([_Reload("acme", [license], {license.id: State.AVAILABLE})])
+
+    changed = [
+        e for batch in store.batches for e in batch if isinstance(e, LicenseChanged)
+    ]
+    assert [e for e in changed if e.after is State.ACTIVE] == []
+    assert gateway.admission.lines["acme"] is not None
