@@ -178,7 +178,13 @@ class Gateway:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
-            await self._publish(status, offline, retain=True)
+                # Said on every way out, a failed store's included: a clean
+                # disconnect fires no last will, and consumers (and a
+                # cluster's leader) must not keep seeing this gateway online.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self._publish(status, offline, retain=True), SHUTDOWN_GRACE
+                    )
         giving_up.cancel()
         log.info("gateway stopped", decisions=dict(self.decisions))
 

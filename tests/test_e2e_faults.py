@@ -324,3 +324,34 @@ async def test_accounts_added_after_a_broker_restart_lose_no_hello(
     for router in online + away:
         await router.disconnect()
     gateway.stop()
+
+
+async def test_a_gateway_whose_store_fails_says_offline_as_it_leaves(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Another writer holds the database past the gateway's lock timeout: the
+    gateway cannot store a decision, leaves, and says so in its retained
+    status (its clean disconnect fires no last will); the hello is not
+    acknowledged, so it waits in the broker for the next gateway."""
+    database, gateway = await started_gateway(broker, tmp_path, "T", basic1=2)
+    router = sim_router(broker, "T", "R01")
+    await router.connect()
+    blocker = sqlite3.connect(database, isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        async with StatusWatch(broker) as status:
+            ref = router.hello()
+            left = await status.next(timeout=30)
+        assert left.state == "offline"
+        assert gateway.process is not None
+        assert await asyncio.to_thread(gateway.process.wait, 30) != 0
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await gateway.start()
+    decision = await router.next_decision(timeout=20)
+    assert (decision.ref, decision.decision, decision.reason) == (
+        ref, "accept", "licensed",
+    )  # fmt: skip
+    await router.disconnect()
+    gateway.stop()
