@@ -76,3 +76,17 @@ async def test_an_offered_rate_with_churn_keeps_the_seats_within_capacity(
     assert 0 < sum(summary.online.values()) <= 8
     assert set(summary.decisions) <= {"accept:licensed", "reject:capacity_exceeded"}
     gateway.stop()
+
+
+async def test_a_closed_loop_with_churn_goes_on_for_every_router(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Routers that leave and come back keep saying hello in the loop; none
+    is counted unanswered for having left."""
+    _, gateway = await started_gateway(broker, tmp_path)
+    spec = spec_for(broker, 6, mode="closed", duration=3.5, churn=0.5)
+    summary = await run(spec)
+    assert summary.unanswered == []
+    assert summary.sent == summary.answered > 6 * 3
+    assert 0 < sum(summary.online.values()) <= 8
+    gateway.stop()

@@ -160,6 +160,11 @@ class _Worker:
         self._first_answer: dict[str, asyncio.Future[None]] = {}
         self._stopping = asyncio.Event()
         """Set when the run ends: churn finishes its round and stops."""
+        self._away: set[str] = set()
+        """Routers (``tenant/router``) churn has taken off line, not yet back."""
+        self._back = asyncio.Event()
+        """Set whenever no router is away."""
+        self._back.set()
 
     def _router(self, tenant: str, name: str) -> SimRouter:
         username, password = self.spec.login(tenant, name)
@@ -216,6 +221,9 @@ class _Worker:
 
         async def one(router: SimRouter) -> None:
             while time.monotonic() < end:
+                if f"{router.tenant}/{router.router}" in self._away:
+                    await self._back.wait()
+                    continue
                 router.new_session()
                 waiter = self._hello(router)
                 try:
@@ -245,7 +253,8 @@ class _Worker:
                 router = self.routers[index % len(self.routers)]
                 index += 1
                 looked += 1
-                if f"{router.tenant}/{router.router}" in self._pending:
+                key = f"{router.tenant}/{router.router}"
+                if key in self._pending or key in self._away:
                     continue
                 router.new_session()
                 self._hello(router)
@@ -307,14 +316,27 @@ class _Worker:
                 self.routers[(turn + i) % len(self.routers)] for i in range(count)
             ]
             turn += count
+            self._away.update(f"{r.tenant}/{r.router}" for r in leaving)
+            self._back.clear()
             for router in leaving:
+                key = f"{router.tenant}/{router.router}"
+                # As a router does, it leaves once its hello is answered.
+                waiter = self._first_answer.get(key)
+                if waiter is not None and key in self._pending:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            asyncio.shield(waiter), self.spec.timeout
+                        )
                 router.goodbye()
-                self.summary.online[f"{router.tenant}/{router.router}"] = False
+                self.summary.online[key] = False
                 await router.disconnect()
                 router.new_session()
             for router in leaving:
                 await router.connect(keepalive=60)
-                self._hello(router)
+                self._away.discard(f"{router.tenant}/{router.router}")
+                if self.spec.mode != "closed":  # the closed loop says it itself
+                    self._hello(router)
+            self._back.set()
 
     async def run(self) -> Summary:
         start = time.monotonic()
