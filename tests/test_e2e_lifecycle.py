@@ -361,18 +361,25 @@ async def test_a_cancelled_scheduled_activation_never_takes_effect(
     ok(db, "unschedule", "--tenant", "T", spare.id)
     await gateway.until_logged("licenses reloaded", count=2, tenant="T")
 
-    # Nothing is to happen, so there is nothing to await: pass the instant,
-    # plus a margin well over the milliseconds the gateway takes to act on
-    # an instant it has (the scheduled-activation test above).
-    await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()) + 1.5)
+    # The instant itself can only be waited for. Once it has passed, a hello
+    # makes the gateway decide at a later moment, after acting on its
+    # timetable: had the license fired, R2 would be seated and R3 first in
+    # line.
+    await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()))
+    late = sim_router(broker, "T", "R3")
+    await late.connect()
+    decision, _ = await late.ask()
 
+    assert (decision.decision, decision.reason, decision.position) == (
+        "reject", "capacity_exceeded", 2,
+    )  # fmt: skip
     assert waiting.heard.empty()
     assert first.heard.empty()
     listed = tool_json(db, "licenses", "--tenant", "T")["licenses"]
     assert {lic["id"]: lic["state"] for lic in listed}[spare.id] == "available"
     routers = tool_json(db, "routers", "--tenant", "T")["routers"]
     assert [(r["router"], r["state"]) for r in routers] == [
-        ("R1", "online"), ("R2", "waiting"),
+        ("R1", "online"), ("R2", "waiting"), ("R3", "waiting"),
     ]  # fmt: skip
     entries = tool_json(db, "audit", "--tenant", "T", "--license", spare.id)
     assert [e["event"] for e in entries["entries"]] == [
@@ -382,6 +389,6 @@ async def test_a_cancelled_scheduled_activation_never_takes_effect(
     ok(db, "activate", "--tenant", "T", spare.id)
     admitted = await waiting.next_decision(10)
     assert (admitted.decision, admitted.cause) == ("accept", "capacity")
-    for router in (first, waiting):
+    for router in (first, waiting, late):
         await router.disconnect()
     gateway.stop()
