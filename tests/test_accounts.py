@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,46 @@ def test_account_names_come_only_from_valid_ids(bad: str) -> None:
 def test_reloading_without_a_broker_names_the_pid_file(tmp_path: Path) -> None:
     with pytest.raises(accounts.BrokerError, match="pid file"):
         accounts.reload_broker(tmp_path / "none.pid")
+
+
+def test_a_process_without_a_sighup_handler_is_never_signalled(
+    tmp_path: Path,
+) -> None:
+    """A broker still starting (pid file written, no handler yet) would die of
+    the reload; so would a stranger that took over a stale pid."""
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        pid_file = tmp_path / "mosquitto.pid"
+        pid_file.write_text(f"{stranger.pid}\n")
+        with pytest.raises(accounts.BrokerError, match="does not handle SIGHUP"):
+            accounts.reload_broker(pid_file, starting=0.3)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_the_reload_waits_for_a_starting_broker_to_handle_it(tmp_path: Path) -> None:
+    script = (
+        "import signal, sys, time\n"
+        "time.sleep(0.5)\n"
+        "signal.signal(signal.SIGHUP, lambda *_: (print('reloaded', flush=True),"
+        " sys.exit(0)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    starting = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pid_file = tmp_path / "mosquitto.pid"
+        pid_file.write_text(f"{starting.pid}\n")
+        assert accounts.reload_broker(pid_file) == starting.pid
+        out, _ = starting.communicate(timeout=10)
+    finally:
+        starting.kill()
+    assert out.split() == ["ready", "reloaded"]
+    assert starting.returncode == 0
 
 
 def test_a_router_gets_its_burst_then_its_rate_and_is_told_once() -> None:

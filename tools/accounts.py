@@ -175,14 +175,54 @@ def broker_pid(pid_file: Path) -> int:
     return _signal(pid_file, 0)
 
 
-def reload_broker(pid_file: Path) -> int:
+def reload_broker(pid_file: Path, starting: float = 10.0) -> int:
     """Send SIGHUP to the broker whose pid ``pid_file`` holds; returns the pid.
 
     Mosquitto rereads its password and ACL files on SIGHUP and
     disconnects every connected client whose password no longer matches
     (checked with mosquitto 2.0.11); certificates are checked at connect.
+
+    Mosquitto writes its pid file before it sets up its signal handlers,
+    and a SIGHUP in between ends it (the default action). So the signal
+    waits, up to ``starting`` seconds, until the process handles SIGHUP;
+    a process that never does (a broker stuck in its start, or another
+    program that took over a stale pid) is not signalled at all.
     """
+    pid = broker_pid(pid_file)
+    deadline = time.monotonic() + starting
+    while not _handles(pid, signal.SIGHUP):
+        if time.monotonic() > deadline:
+            raise BrokerError(
+                f"cannot reload the broker from pid file {pid_file}: process "
+                f"{pid} ({_name(pid)}) does not handle SIGHUP after {starting} s, "
+                "and the signal would end it; is the broker still starting, or "
+                "is the pid file stale?"
+            )
+        time.sleep(0.01)
     return _signal(pid_file, signal.SIGHUP)
+
+
+def _handles(pid: int, number: int) -> bool:
+    """Whether process ``pid`` has a handler for signal ``number``.
+
+    Read from ``/proc/PID/status`` (its ``SigCgt`` mask); where there is
+    no such file to read (not Linux), assumed.
+    """
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (number - 1) & 1)
+    return True
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or "unnamed"
+    except OSError:
+        return "name unknown"
 
 
 def _signal(pid_file: Path, number: int) -> int:

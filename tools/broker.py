@@ -184,13 +184,23 @@ class Broker:
                 said = self.log.read_text()[-2000:]
                 error = PortTaken if "Address already in use" in said else RuntimeError
                 raise error(f"mosquitto exited: {said}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-            except OSError:
-                time.sleep(0.02)
-            else:
+            if self._answers():
                 return
-        raise TimeoutError(f"mosquitto did not listen on {self.port} in {timeout}s")
+            time.sleep(0.02)
+        raise TimeoutError(f"mosquitto did not answer on {self.port} in {timeout}s")
+
+    def _answers(self) -> bool:
+        """Whether the broker answers the gateway's login.
+
+        An open port is not enough: Mosquitto listens, then sets up its
+        signal handlers, then serves; a reload (SIGHUP) before that would
+        end it. A CONNACK comes from the serving loop.
+        """
+        try:
+            code = accounts.connack("127.0.0.1", self.port, *self.gateway, timeout=0.5)
+        except OSError:
+            return False
+        return code == accounts.CONNACK_ACCEPTED
 
     def _first_files(self) -> None:
         """The service accounts in the password file, the routers' CA and
