@@ -21,6 +21,7 @@ from typing import Any
 
 import gmqtt
 import pytest
+from hypothesis import settings
 
 from gateway import protocol
 from tests.seeding import seed_tenant
@@ -31,6 +32,12 @@ from tools.router import SimRouter
 BIN = Path(sys.executable).parent
 
 pytest_plugins = ["tests.postgres"]
+
+# Property tests assert behaviour, not speed: on a busy machine one example
+# can take longer than Hypothesis's default 200 ms deadline, which it would
+# report as a failure (or as flaky). Speed is the benchmarks' business.
+settings.register_profile("irm", deadline=None)
+settings.load_profile("irm")
 
 
 @pytest.fixture
