@@ -44,6 +44,7 @@ from policy.store import (
     Tenant,
     TenantData,
     check_cancellable,
+    router_writes,
 )
 from policy.timeutil import to_text as _text
 
@@ -865,28 +866,22 @@ class _Writes:
     def __init__(self, now: datetime, versions: Mapping[str, int]) -> None:
         self.now = now
         self.versions = versions
-        self.upserts: list[tuple[Any, ...]] = []
-        self.seats: list[tuple[Any, ...]] = []
-        self.leaves: list[tuple[Any, ...]] = []
+        self.rows: list[Event] = []
         self.leases: list[tuple[Any, ...]] = []
         self.states: list[tuple[Any, ...]] = []
         self.audit: list[tuple[Any, ...]] = []
 
     def add(self, event: Event) -> None:
         detail: dict[str, Any]
+        if isinstance(event, Joined | SeatChanged | Left):
+            self.rows.append(event)
         if isinstance(event, Joined):
             p = event.place
-            self.upserts.append(
-                (p.tenant, p.router, p.epoch, p.session, p.arrival, p.seated,
-                 p.lease_until, self.versions[p.tenant], self.now, self.now)
-            )  # fmt: skip
             what = "resumed" if event.resumed else "joined"
             detail = {"epoch": p.epoch, "arrival": p.arrival, "seated": p.seated}
             self.audit.append((self.now, p.tenant, "router", p.router, what, detail))
         elif isinstance(event, SeatChanged):
             v = event.verdict
-            version = self.versions[v.tenant]
-            self.seats.append((v.accepted, version, self.now, v.tenant, v.router))
             what = "seat_granted" if v.accepted else "seat_lost"
             detail = {
                 "reason": v.reason.value,
@@ -897,8 +892,6 @@ class _Writes:
             }
             self.audit.append((self.now, v.tenant, "router", v.router, what, detail))
         elif isinstance(event, Left):
-            version = self.versions[event.tenant]
-            self.leaves.append((version, self.now, event.tenant, event.router))
             detail = {
                 "cause": event.cause.value,
                 "was_seated": event.was_seated,
@@ -935,6 +928,22 @@ class _Writes:
         )
 
     async def run(self, db: Conn) -> None:
+        upserts: list[tuple[Any, ...]] = []
+        seats: list[tuple[Any, ...]] = []
+        leaves: list[tuple[Any, ...]] = []
+        for (tenant, router), w in router_writes(self.rows).items():
+            version = self.versions[tenant]
+            if w.place is not None:
+                p, gone = w.place, w.left
+                upserts.append(
+                    (tenant, router, p.epoch, None if gone else p.session,
+                     None if gone else p.arrival, w.seated,
+                     None if gone else p.lease_until, version, self.now, self.now)
+                )  # fmt: skip
+            elif w.left:
+                leaves.append((w.seated, version, self.now, tenant, router))
+            else:
+                seats.append((w.seated, version, self.now, tenant, router))
         async with db.cursor() as cur:
             await cur.executemany(
                 "INSERT INTO routers (tenant, router, epoch, session, arrival,"
@@ -945,18 +954,18 @@ class _Writes:
                 " seated = excluded.seated, lease_until = excluded.lease_until,"
                 " will_session = NULL, version = excluded.version,"
                 " changed_at = excluded.changed_at",
-                self.upserts,
+                upserts,
             )
             await cur.executemany(
                 "UPDATE routers SET seated = %s, version = %s, changed_at = %s"
                 " WHERE tenant = %s AND router = %s",
-                self.seats,
+                seats,
             )
             await cur.executemany(
-                "UPDATE routers SET session = NULL, arrival = NULL, seated = false,"
+                "UPDATE routers SET session = NULL, arrival = NULL, seated = %s,"
                 " lease_until = NULL, will_session = NULL, version = %s,"
                 " changed_at = %s WHERE tenant = %s AND router = %s",
-                self.leaves,
+                leaves,
             )
             await cur.executemany(
                 "UPDATE routers SET lease_until = %s, will_session = %s, version = %s"

@@ -42,6 +42,7 @@ from policy.store import (
     Tenant,
     TenantData,
     check_cancellable,
+    router_writes,
 )
 from policy.timeutil import from_text, to_text
 
@@ -800,18 +801,17 @@ class _Writes:
 
     def __init__(self, stamp: str) -> None:
         self.stamp = stamp
-        self.upserts: list[tuple[Any, ...]] = []
-        self.seats: list[tuple[Any, ...]] = []
-        self.leaves: list[tuple[Any, ...]] = []
+        self.rows: list[Event] = []
         self.states: list[tuple[Any, ...]] = []
         self.audit: list[tuple[Any, ...]] = []
 
     def add(self, event: Event) -> None:
+        if isinstance(event, Joined | SeatChanged | Left):
+            self.rows.append(event)
         if isinstance(event, Joined):
             self._joined(event)
         elif isinstance(event, SeatChanged):
             v = event.verdict
-            self.seats.append((int(v.accepted), self.stamp, v.tenant, v.router))
             what = "seat_granted" if v.accepted else "seat_lost"
             detail = {
                 "reason": v.reason.value,
@@ -822,7 +822,6 @@ class _Writes:
             }
             self._log(v.tenant, "router", v.router, what, detail)
         elif isinstance(event, Left):
-            self.leaves.append((self.stamp, event.tenant, event.router))
             detail = {
                 "cause": event.cause.value,
                 "was_seated": event.was_seated,
@@ -841,10 +840,6 @@ class _Writes:
 
     def _joined(self, event: Joined) -> None:
         p = event.place
-        self.upserts.append(
-            (p.tenant, p.router, p.epoch, p.session, p.arrival, int(p.seated),
-             self.stamp, self.stamp)
-        )  # fmt: skip
         what = "resumed" if event.resumed else "joined"
         detail = {"epoch": p.epoch, "arrival": p.arrival, "seated": p.seated}
         self._log(p.tenant, "router", p.router, what, detail)
@@ -887,23 +882,38 @@ class _Writes:
         )
 
     async def run(self, db: aiosqlite.Connection) -> None:
+        upserts: list[tuple[Any, ...]] = []
+        seats: list[tuple[Any, ...]] = []
+        leaves: list[tuple[Any, ...]] = []
+        for (tenant, router), w in router_writes(self.rows).items():
+            if w.place is not None:
+                p, gone = w.place, w.left
+                upserts.append(
+                    (tenant, router, p.epoch, None if gone else p.session,
+                     None if gone else p.arrival, int(w.seated), self.stamp,
+                     self.stamp)
+                )  # fmt: skip
+            elif w.left:
+                leaves.append((int(w.seated), self.stamp, tenant, router))
+            else:
+                seats.append((int(w.seated), self.stamp, tenant, router))
         await db.executemany(
             "INSERT INTO routers (tenant, router, epoch, session, arrival, seated,"
             " first_seen, changed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (tenant, router) DO UPDATE SET epoch = excluded.epoch,"
             " session = excluded.session, arrival = excluded.arrival,"
             " seated = excluded.seated, changed_at = excluded.changed_at",
-            self.upserts,
+            upserts,
         )
         await db.executemany(
             "UPDATE routers SET seated = ?, changed_at = ?"
             " WHERE tenant = ? AND router = ?",
-            self.seats,
+            seats,
         )
         await db.executemany(
-            "UPDATE routers SET session = NULL, arrival = NULL, seated = 0,"
+            "UPDATE routers SET session = NULL, arrival = NULL, seated = ?,"
             " changed_at = ? WHERE tenant = ? AND router = ?",
-            self.leaves,
+            leaves,
         )
         await db.executemany("UPDATE licenses SET state = ? WHERE id = ?", self.states)
         await _audit_many(db, self.audit)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from policy.admission import Event, Place
+from policy.admission import Event, Joined, Left, Place, SeatChanged
 from policy.errors import RuleViolation
 from policy.licenses import License, State
 from policy.timeutil import to_text
@@ -233,3 +233,40 @@ def check_cancellable(lic: License, stored: tuple[str, datetime | None] | None) 
         raise RuleViolation(
             f"license {lic.id} changed meanwhile; nothing was cancelled"
         )
+
+
+@dataclass(slots=True)
+class RouterWrite:
+    """What one batch leaves in one router's row.
+
+    A batch may hold several events of one router: it leaves (a goodbye, or
+    its lease running out) and joins again, or joins and then gains its
+    seat. The stores group their row writes by kind for speed, so each
+    router gets the one write that its events, applied in order, come to:
+
+    - ``place``: the router joined (or resumed) in this batch; the store
+      writes the whole row from it, with ``seated`` and, when ``left``,
+      no session and no place (the row keeps the epoch it reached);
+    - no ``place`` and ``left``: session and place cleared;
+    - neither: only ``seated`` changed.
+    """
+
+    place: Place | None = None
+    left: bool = False
+    seated: bool = False
+
+
+def router_writes(events: Sequence[Event]) -> dict[tuple[str, str], RouterWrite]:
+    """Each router's final row write from a batch's events."""
+    out: dict[tuple[str, str], RouterWrite] = {}
+    for event in events:
+        if isinstance(event, Joined):
+            place = event.place
+            out[place.tenant, place.router] = RouterWrite(place, False, place.seated)
+        elif isinstance(event, SeatChanged):
+            v = event.verdict
+            out.setdefault((v.tenant, v.router), RouterWrite()).seated = v.accepted
+        elif isinstance(event, Left):
+            write = out.setdefault((event.tenant, event.router), RouterWrite())
+            write.left, write.seated = True, False
+    return out

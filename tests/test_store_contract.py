@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -13,6 +14,7 @@ import pytest
 
 from policy.admission import (
     Cause,
+    Event,
     Joined,
     Left,
     LicenseChanged,
@@ -25,7 +27,7 @@ from policy.errors import RuleViolation, StoreError
 from policy.licenses import Kind, State, Tier
 from policy.postgres_store import MIGRATIONS, PostgresStore
 from policy.sqlite_store import SCHEMA, SqliteStore
-from policy.store import Store
+from policy.store import RouterRow, Store
 from policy.stores import open_store
 from tests.seeding import mint
 
@@ -132,6 +134,74 @@ async def test_events_make_places_epochs_and_router_rows(store: Store) -> None:
     assert rows["R2"].changed_at == later
     seen = [e.event for e in await store.audit("T", "router", "R1")]
     assert seen == ["registered", "joined", "left"]
+
+
+async def test_a_router_that_leaves_and_joins_in_one_batch_is_stored_in_line(
+    store: Store,
+) -> None:
+    """A goodbye (or a lease running out) and the router's new hello, decided
+    in one batch: the row is its place from the new hello, not cleared."""
+    await store.add_tenant("T", "UTC", NOW)
+    await store.apply([Joined(_place("R1", 1, seated=True), resumed=False)], NOW)
+    back = _place("R1", 2, seated=True, epoch=2)
+    await store.apply(
+        [Left("T", "R1", "s-R1-1", 1, True, Cause.GOODBYE), Joined(back, False)], NOW
+    )
+
+    assert [(p.router, p.arrival, p.seated, p.epoch) for p in await store.places()] == [
+        ("R1", 2, True, 2)
+    ]
+
+
+def _batches(seed: int) -> list[list[tuple[str, str, int]]]:
+    """Random runs of one tenant's row events: (kind, router, number)."""
+    rng = random.Random(seed)
+    runs = []
+    for _ in range(30):
+        run = []
+        for step in range(rng.randint(1, 7)):
+            kind = rng.choice("JJSSL")
+            run.append((kind, rng.choice(["R1", "R2"]), step + 1))
+        runs.append(run)
+    return runs
+
+
+def _events(tenant: str, run: list[tuple[str, str, int]]) -> list[Event]:
+    out: list[Event] = []
+    for kind, router, n in run:
+        if kind == "J":
+            place = Place(tenant, router, f"s{n}", n, n, n % 2 == 0, NOW)
+            out.append(Joined(place, resumed=False))
+        elif kind == "S":
+            seated = n % 3 != 0
+            verdict = Verdict(tenant, router, f"s{n}", n, seated, Reason.LICENSED, None)
+            out.append(SeatChanged(verdict, Cause.CAPACITY))
+        else:
+            out.append(Left(tenant, router, f"s{n}", n, False, Cause.LEASE))
+    return out
+
+
+async def test_a_batch_leaves_each_row_as_its_events_one_by_one_would(
+    store: Store,
+) -> None:
+    """Writes are grouped by kind for speed; the rows must not show it."""
+    for i, run in enumerate(_batches(seed=7)):
+        batched, stepwise = f"B{i}", f"S{i}"
+        for tenant in (batched, stepwise):
+            await store.add_tenant(tenant, "UTC", NOW)
+            await store.apply(
+                [Joined(Place(tenant, "R1", "s0", 0, 0, True, NOW), False)], NOW
+            )
+        await store.apply(_events(batched, run), NOW)
+        for event in _events(stepwise, run):
+            await store.apply([event], NOW)
+
+        def rows(found: list[RouterRow]) -> list[tuple[object, ...]]:
+            return [(r.router, r.epoch, r.session, r.arrival, r.seated) for r in found]
+
+        assert rows(await store.routers(batched)) == rows(
+            await store.routers(stepwise)
+        ), run
 
 
 async def test_a_tool_change_moves_the_version_and_names_the_tenant(

@@ -1,0 +1,139 @@
+"""One batch, several events of one router: what the store keeps is what
+the gateway decided.
+
+A router can leave and come back within one batch of the decider: its
+goodbye and its new hello arrive together, or its lease runs out (the
+batch's clock step) while its new hello waits in the same batch. These
+tests drive the decider's batches directly, on a real SQLite file and a
+real PostgreSQL, with an outbox in place of the broker, so that both
+events land in one batch every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+from gateway import protocol
+from gateway.cluster import ClusterGateway
+from gateway.config import Settings
+from gateway.mqtt import Inbound
+from gateway.service import Gateway, _Item, _Reload
+from policy.postgres_store import PostgresStore
+from policy.stores import open_store
+from tests.seeding import seed_tenant
+
+T0 = datetime.now(UTC).replace(microsecond=0)
+
+
+class _Outbox:
+    """Stands in for the gateway's MQTT connection: what it publishes."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False,
+        correlation: bytes | None = None,
+    ) -> None:  # fmt: skip
+        self.sent.append((topic, json.loads(payload)))
+
+    def told(self, router: str) -> list[tuple[str, str]]:
+        return [
+            (p["decision"], p["reason"])
+            for t, p in self.sent
+            if t.endswith(f"/{router}/reply")
+        ]
+
+
+def _item(kind: str, router: str, session: str) -> _Item:
+    model = protocol.Hello if kind == "hello" else protocol.Goodbye
+    message = model(v=1, session=session)
+    topic = protocol.topic(protocol.PREFIX, "T8", router, kind)
+    inbound = Inbound(topic, message.model_dump_json().encode())
+    done = asyncio.get_running_loop().create_future()
+    return _Item(kind, "T8", router, message, inbound, done)
+
+
+async def _gateway(database: Path, clock: list[datetime]) -> tuple[Gateway, _Outbox]:
+    store = await open_store(database)
+    settings = Settings(lease_seconds=60, grace_seconds=2)
+    gateway = Gateway(settings, store, clock=lambda: clock[0])
+    await gateway._load()
+    outbox = _Outbox()
+    gateway._mqtt = cast(Any, outbox)
+    return gateway, outbox
+
+
+async def test_goodbye_and_hello_in_one_batch_keep_the_seat_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T8", basic1=1, now=T0)
+    clock = [T0 + timedelta(seconds=1)]
+    gateway, _ = await _gateway(database, clock)
+    await gateway._decide([_item("hello", "R01", "a")])
+    await gateway._decide([_item("goodbye", "R01", "a"), _item("hello", "R01", "b")])
+
+    rows = {r.router: r.state for r in await gateway.store.routers("T8")}
+    await gateway.store.close()
+    again, outbox = await _gateway(database, clock)  # as after kill -9
+    await again._decide([_item("hello", "R02", "x")])
+    await again.store.close()
+
+    assert rows == {"R01": "online"}
+    assert list(again.admission.lines["T8"].places) == ["R01", "R02"]
+    assert outbox.told("R02") == [("reject", "capacity_exceeded")]
+
+
+async def test_a_lease_run_out_and_a_new_hello_in_one_batch_keep_the_seat(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T8", basic1=1, now=T0)
+    clock = [T0 + timedelta(seconds=1)]
+    gateway, outbox = await _gateway(database, clock)
+    await gateway._decide([_item("hello", "R01", "a")])
+    clock[0] += timedelta(seconds=61)  # the lease ran out; the hello waits
+    await gateway._decide([_item("hello", "R01", "b")])
+
+    rows = {r.router: r.state for r in await gateway.store.routers("T8")}
+    await gateway.store.close()
+
+    assert outbox.told("R01") == [("accept", "licensed"), ("accept", "licensed")]
+    assert rows == {"R01": "online"}
+
+
+async def test_one_seat_is_never_two_across_gateways_after_leave_and_join(
+    postgres_url: str,
+) -> None:
+    await seed_tenant(postgres_url, "T8", basic1=1, now=T0)
+    clock = [T0 + timedelta(seconds=1)]
+    members: list[tuple[ClusterGateway, _Outbox]] = []
+    for name in ("a", "b"):
+        store = await PostgresStore.open(postgres_url)
+        settings = Settings(store=postgres_url, gateway_id=name)
+        member = ClusterGateway(settings, store, clock=lambda: clock[0])
+        await member._load()
+        outbox = _Outbox()
+        member._mqtt = cast(Any, outbox)
+        members.append((member, outbox))
+    (a, to_a), (b, to_b) = members
+    a.is_leader.set()
+    licenses = await a.shared.licenses("T8")
+    await a._decide([_Reload("T8", licenses, await a.shared.license_states("T8"))])
+
+    await a._decide([_item("hello", "R01", "a")])
+    await a._decide([_item("goodbye", "R01", "a"), _item("hello", "R01", "b")])
+    await b._decide([_item("hello", "R02", "x")])
+    await a._decide([_item("hello", "R03", "y")])
+    seated = [p.router for p in a.admission.lines["T8"].in_order() if p.seated]
+    for member, _ in members:
+        await member.store.close()
+
+    assert to_a.told("R01")[-1] == ("accept", "licensed")
+    assert to_b.told("R02") == [("reject", "capacity_exceeded")]
+    assert seated == ["R01"]
