@@ -329,7 +329,8 @@ class SqliteStore:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows = await self._db.execute_fetchall(
-                f"SELECT id, tenant FROM licenses WHERE id IN ({marks})", chunk
+                f"SELECT id, tenant FROM licenses WHERE id IN ({marks}) AND {VISIBLE}",
+                chunk,
             )
             found.update({r[0]: r[1] for r in rows})
         return found
@@ -935,14 +936,43 @@ async def _insert_licenses(
             ],
         )
     except sqlite3.IntegrityError as exc:
+        ids = [lic.id for lic, _ in items]
+        held = await _held_by_unfinished_import(db, ids, batch)
+        if held is not None:
+            raise RuleViolation(held) from exc
         raise RuleViolation(
             f"a license of this import was redeemed meanwhile ({exc}); nothing "
             "was imported: run the import again to see which"
         ) from exc
+
     await db.executemany(
         "INSERT INTO audit (at, tenant, subject, subject_id, event, detail, actor,"
         " batch) VALUES (?, ?, 'license', ?, 'imported', ?, ?, ?)",
         [(stamp, lic.tenant, lic.id, _imported(lic), actor, batch) for lic, _ in items],
+    )
+
+
+async def _held_by_unfinished_import(
+    db: aiosqlite.Connection, ids: Sequence[str], ours: str
+) -> str | None:
+    """Why a license cannot be imported while another import holds it."""
+    marks = ",".join("?" * len(ids))
+    row = await _one(
+        db,
+        "SELECT l.id, l.tenant, b.started_at FROM licenses l JOIN import_batches b"
+        f" USING (batch) WHERE NOT b.committed AND batch != ? AND l.id IN ({marks})"
+        " LIMIT 1",
+        [ours, *ids],
+    )
+    if row is None:
+        return None
+    started = _instant(row[2])
+    return (
+        f"license {row[0]} is held by an import into tenant {row[1]} that started "
+        f"at {to_text(started)} and has not finished; nothing was imported. If "
+        "no import is running (one was killed), its rows are forgotten "
+        f"{int(STALE_IMPORT.total_seconds() // 60)} minutes after its start, "
+        f"from {to_text(started + STALE_IMPORT)}: run the import again then"
     )
 
 

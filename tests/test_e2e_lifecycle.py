@@ -7,7 +7,10 @@ and a real Mosquitto; routers are real MQTT connections.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +20,7 @@ import pytest
 from policy.licenses import Kind, State
 from policy.sqlite_store import SqliteStore
 from policy.timeutil import add_months, from_text, to_text
-from tests.conftest import GatewayProcess, sim_router, tool, tool_json
+from tests.conftest import BIN, GatewayProcess, sim_router, tool, tool_json
 from tests.seeding import add_available, mint, seed_tenant
 from tools.broker import Broker
 from tools.fleet import run_fleet
@@ -283,6 +286,54 @@ async def test_importing_five_thousand_codes_while_deciding_hellos_locks_nobody_
     for router in routers:
         await router.disconnect()
     gateway.stop()
+
+
+def test_an_import_killed_midway_hides_nothing_once_it_is_forgotten(
+    tmp_path: Path,
+) -> None:
+    """kill -9 (or a power cut) between an import's chunks: its rows stay,
+    uncommitted and unseen. Running the import again must neither call the
+    codes "already present" nor lose them: it says which import holds them
+    and until when, and imports them all once that import is forgotten."""
+    db = tmp_path / "irm.db"
+    started = datetime.now(UTC).replace(microsecond=0)
+    ok(db, "tenant", "add", "big")
+    issued = (started - timedelta(days=5)).date().isoformat()
+    csv = tmp_path / "big.csv"
+    ok(db, "vendor", "mint", "--kind", "cloud-basic-1", "--count", "5000",
+       "--issued", issued, "--csv", str(csv))  # fmt: skip
+    command = [
+        str(BIN / "irm-tool"), "--database", str(db), "--now", instant(started),
+        "import", "--tenant", "big", "--csv", str(csv),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRM_")}
+    importing = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)  # fmt: skip
+    written = 0
+    deadline = time.monotonic() + 60
+    with sqlite3.connect(db, timeout=10) as conn:
+        while written == 0 and importing.poll() is None:
+            assert time.monotonic() < deadline, "the import wrote no chunk in 60 s"
+            written = conn.execute("SELECT count(*) FROM licenses").fetchone()[0]
+            time.sleep(0.002)
+    importing.kill()
+    importing.wait()
+    assert 0 < written < 5000, "the import ended before it could be killed midway"
+
+    soon = tool(db, "import", "--tenant", "big", "--csv", str(csv),
+                now=instant(started + timedelta(minutes=1)))  # fmt: skip
+    later = tool(db, "import", "--tenant", "big", "--csv", str(csv),
+                 now=instant(started + timedelta(minutes=11)))  # fmt: skip
+
+    assert soon.returncode == 1
+    assert "already present" not in soon.stdout
+    assert "held by an import into tenant big" in soon.stderr
+    assert f"from {instant(started + timedelta(minutes=10))}" in soon.stderr
+    assert later.returncode == 0, later.stderr
+    assert "5000 imported" in later.stdout
+    listed = tool_json(db, "licenses", "--tenant", "big",
+                       now=instant(started + timedelta(minutes=11)))  # fmt: skip
+    assert len(listed["licenses"]) == 5000
 
 
 async def test_paid_activation_invalidates_cloud_free_and_reseats_the_first_arrivals(
