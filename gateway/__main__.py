@@ -122,7 +122,7 @@ OPTIONS = [
     ("prefix", "TOPIC", "Topic prefix of the protocol."),
     ("gateway_id", "NAME", "Names the gateway's MQTT session."),
     ("lease_seconds", "SECONDS", "A silent router's seat lasts this (1 to 86400)."),
-    ("grace_seconds", "SECONDS", "A last will holds the seat this (0 to 3600)."),
+    ("grace_seconds", "SECONDS", "A last will holds the seat this (1 to 3600)."),
     ("hello_rate", "PER_SECOND", "Hellos a second per router after its burst."),
     ("hello_burst", "COUNT", "Hellos one router may send at once."),
     ("log_format", "[auto|json|console]", "JSON, or readable lines on a terminal."),

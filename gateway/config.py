@@ -110,12 +110,15 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="a finite number from 1 to 86400",
     )
+    # Not 0: a router's last will often reaches the gateway just before its
+    # new session's hello, and with no grace the will would end its place
+    # first (it would lose its seat and join at the back of the line).
     grace_seconds: float = Field(
         10.0,
-        ge=0,
+        ge=1,
         le=3_600,
         allow_inf_nan=False,
-        description="a finite number from 0 to 3600",
+        description="a finite number from 1 to 3600",
     )
     hello_rate: float = Field(
         1.0, gt=0, le=1_000_000, allow_inf_nan=False,
