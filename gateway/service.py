@@ -61,6 +61,10 @@ MAX_REF = 128
 SHUTDOWN_GRACE = 5.0
 """Seconds a stopping gateway waits for an absent broker before it leaves."""
 
+WATCH_BACKOFF_MAX = 30.0
+"""Longest wait, in seconds, between tries to read the tool's changes while
+the store fails to answer."""
+
 TAKEOVER_COUNT = 3
 TAKEOVER_WINDOW = timedelta(seconds=30)
 """Three new sessions of one router within 30 s suggest two devices, one id."""
@@ -575,18 +579,45 @@ class Gateway:
         The reading happens here, not in the decider, so that hellos are not
         held up while a tenant's thousands of licenses are read.
         """
+        failures = 0
         while not stop.is_set():
-            version = await self.store.poll_version()
-            if version != self._version:
-                self._version = version
-                seq, tenants = await self.store.changes_after(self._change_seq)
-                self._change_seq = seq
-                for tenant in sorted(tenants):
-                    licenses = await self.store.licenses(tenant)
-                    states = await self.store.license_states(tenant)
-                    self._queue.put_nowait(_Reload(tenant, licenses, states))
+            wait = self.settings.poll_seconds
+            try:
+                await self._read_changes()
+                failures = 0
+            except Exception as exc:
+                # Hellos go on being decided from what is in memory; the
+                # change is read again, so none is lost, only late.
+                failures += 1
+                wait = min(wait * 2**failures, WATCH_BACKOFF_MAX)
+                log.error(  # noqa: TRY400 - type and place say enough
+                    "store read failed",
+                    task="watch-store",
+                    attempt=failures,
+                    retry_in=round(wait, 2),
+                    **failure(exc),
+                )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.poll_seconds)
+                await asyncio.wait_for(stop.wait(), wait)
+
+    async def _read_changes(self) -> None:
+        """Queue the reloads of what the tool changed since the last read.
+
+        The marks move only once every read succeeded: a failed read is
+        tried again in full at the next poll.
+        """
+        version = await self.store.poll_version()
+        if version == self._version:
+            return
+        seq, tenants = await self.store.changes_after(self._change_seq)
+        reloads = []
+        for tenant in sorted(tenants):
+            licenses = await self.store.licenses(tenant)
+            states = await self.store.license_states(tenant)
+            reloads.append(_Reload(tenant, licenses, states))
+        for reload in reloads:
+            self._queue.put_nowait(reload)
+        self._version, self._change_seq = version, seq
 
     # -- publishing -------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""One batch, several events of one router: what the store keeps is what
-the gateway decided.
+"""The decider and its store: what the store keeps is what the gateway
+decided, and what the tool changes reaches the gateway.
 
 A router can leave and come back within one batch of the decider: its
 goodbye and its new hello arrive together, or its lease runs out (the
@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
+
+import pytest
+from structlog.testing import capture_logs
 
 from gateway import protocol
 from gateway.cluster import ClusterGateway
@@ -23,10 +27,21 @@ from gateway.config import Settings
 from gateway.mqtt import Inbound
 from gateway.service import Gateway, _Item, _Reload
 from policy.postgres_store import PostgresStore
+from policy.store import Store
 from policy.stores import open_store
-from tests.seeding import seed_tenant
+from tests.seeding import add_available, seed_tenant
 
 T0 = datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[list[Store]]:
+    """Stores a test opens, closed even when it fails (an open SQLite
+    store's worker thread would keep the test process from ending)."""
+    stores: list[Store] = []
+    yield stores
+    for store in stores:
+        await store.close()
 
 
 class _Outbox:
@@ -58,8 +73,11 @@ def _item(kind: str, router: str, session: str) -> _Item:
     return _Item(kind, "T8", router, message, inbound, done)
 
 
-async def _gateway(database: Path, clock: list[datetime]) -> tuple[Gateway, _Outbox]:
+async def _gateway(
+    database: Path, clock: list[datetime], opened: list[Store]
+) -> tuple[Gateway, _Outbox]:
     store = await open_store(database)
+    opened.append(store)
     settings = Settings(lease_seconds=60, grace_seconds=2)
     gateway = Gateway(settings, store, clock=lambda: clock[0])
     await gateway._load()
@@ -69,20 +87,18 @@ async def _gateway(database: Path, clock: list[datetime]) -> tuple[Gateway, _Out
 
 
 async def test_goodbye_and_hello_in_one_batch_keep_the_seat_after_a_restart(
-    tmp_path: Path,
+    tmp_path: Path, opened: list[Store]
 ) -> None:
     database = tmp_path / "irm.db"
     await seed_tenant(database, "T8", basic1=1, now=T0)
     clock = [T0 + timedelta(seconds=1)]
-    gateway, _ = await _gateway(database, clock)
+    gateway, _ = await _gateway(database, clock, opened)
     await gateway._decide([_item("hello", "R01", "a")])
     await gateway._decide([_item("goodbye", "R01", "a"), _item("hello", "R01", "b")])
 
     rows = {r.router: r.state for r in await gateway.store.routers("T8")}
-    await gateway.store.close()
-    again, outbox = await _gateway(database, clock)  # as after kill -9
+    again, outbox = await _gateway(database, clock, opened)  # as after kill -9
     await again._decide([_item("hello", "R02", "x")])
-    await again.store.close()
 
     assert rows == {"R01": "online"}
     assert list(again.admission.lines["T8"].places) == ["R01", "R02"]
@@ -90,31 +106,31 @@ async def test_goodbye_and_hello_in_one_batch_keep_the_seat_after_a_restart(
 
 
 async def test_a_lease_run_out_and_a_new_hello_in_one_batch_keep_the_seat(
-    tmp_path: Path,
+    tmp_path: Path, opened: list[Store]
 ) -> None:
     database = tmp_path / "irm.db"
     await seed_tenant(database, "T8", basic1=1, now=T0)
     clock = [T0 + timedelta(seconds=1)]
-    gateway, outbox = await _gateway(database, clock)
+    gateway, outbox = await _gateway(database, clock, opened)
     await gateway._decide([_item("hello", "R01", "a")])
     clock[0] += timedelta(seconds=61)  # the lease ran out; the hello waits
     await gateway._decide([_item("hello", "R01", "b")])
 
     rows = {r.router: r.state for r in await gateway.store.routers("T8")}
-    await gateway.store.close()
 
     assert outbox.told("R01") == [("accept", "licensed"), ("accept", "licensed")]
     assert rows == {"R01": "online"}
 
 
 async def test_one_seat_is_never_two_across_gateways_after_leave_and_join(
-    postgres_url: str,
+    postgres_url: str, opened: list[Store]
 ) -> None:
     await seed_tenant(postgres_url, "T8", basic1=1, now=T0)
     clock = [T0 + timedelta(seconds=1)]
     members: list[tuple[ClusterGateway, _Outbox]] = []
     for name in ("a", "b"):
         store = await PostgresStore.open(postgres_url)
+        opened.append(store)
         settings = Settings(store=postgres_url, gateway_id=name)
         member = ClusterGateway(settings, store, clock=lambda: clock[0])
         await member._load()
@@ -131,9 +147,45 @@ async def test_one_seat_is_never_two_across_gateways_after_leave_and_join(
     await b._decide([_item("hello", "R02", "x")])
     await a._decide([_item("hello", "R03", "y")])
     seated = [p.router for p in a.admission.lines["T8"].in_order() if p.seated]
-    for member, _ in members:
-        await member.store.close()
 
     assert to_a.told("R01")[-1] == ("accept", "licensed")
     assert to_b.told("R02") == [("reject", "capacity_exceeded")]
     assert seated == ["R01"]
+
+
+async def test_a_failed_read_of_the_tools_change_is_retried_and_nothing_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opened: list[Store]
+) -> None:
+    """The store fails once while the gateway reads what the tool changed:
+    the gateway says so and reads the change again at its next poll."""
+    database = tmp_path / "irm.db"
+    await seed_tenant(database, "T8", basic1=1, now=T0)
+    store = await open_store(database)
+    opened.append(store)
+    gateway = Gateway(Settings(poll_seconds=0.05), store)
+    await gateway._load()
+    read = store.licenses
+    failed = 0
+
+    async def fails_once(tenant: str) -> Any:
+        nonlocal failed
+        if failed == 0:
+            failed += 1
+            raise OSError("disk I/O error")
+        return await read(tenant)
+
+    monkeypatch.setattr(store, "licenses", fails_once)
+    stop = asyncio.Event()
+    with capture_logs() as logged:
+        watching = asyncio.create_task(gateway._watch_store(stop))
+        try:
+            added = await add_available(database, "T8", count=2)
+            reload = await asyncio.wait_for(gateway._queue.get(), 10)
+        finally:
+            stop.set()
+            await asyncio.wait_for(watching, 10)
+
+    assert isinstance(reload, _Reload)
+    assert {lic.id for lic in added} <= {lic.id for lic in reload.licenses}
+    [error] = [line for line in logged if line["event"] == "store read failed"]
+    assert (error["error"], error["attempt"]) == ("OSError", 1)
