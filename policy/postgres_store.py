@@ -901,7 +901,8 @@ class _Writes:
                 (self.now, event.tenant, "router", event.router, "left", detail)
             )
         elif isinstance(event, LicenseChanged):
-            self.states.append((event.after.value, event.license_id))
+            change = (event.after.value, event.license_id, event.before.value)
+            self.states.append((*change, len(self.audit)))
             detail = {
                 "from": event.before.value,
                 "to": event.after.value,
@@ -972,10 +973,16 @@ class _Writes:
                 " WHERE tenant = %s AND router = %s AND arrival IS NOT NULL",
                 self.leases,
             )
-            await cur.executemany(
-                "UPDATE licenses SET state = %s WHERE id = %s", self.states
-            )
-        await _audit(db, self.audit)
+            # Only from the state the gateway saw: see the SQLite store.
+            stale = set()
+            for after, license_id, before, audit_row in self.states:
+                await cur.execute(
+                    "UPDATE licenses SET state = %s WHERE id = %s AND state = %s",
+                    (after, license_id, before),
+                )
+                if cur.rowcount != 1:
+                    stale.add(audit_row)
+        await _audit(db, [r for i, r in enumerate(self.audit) if i not in stale])
 
 
 async def connect(url: str, *, autocommit: bool = True) -> Conn:

@@ -846,7 +846,8 @@ class _Writes:
         self._log(p.tenant, "router", p.router, what, detail)
 
     def _license(self, event: LicenseChanged) -> None:
-        self.states.append((event.after.value, event.license_id))
+        change = (event.after.value, event.license_id, event.before.value)
+        self.states.append((*change, len(self.audit)))
         detail = {
             "from": event.before.value,
             "to": event.after.value,
@@ -916,8 +917,19 @@ class _Writes:
             " changed_at = ? WHERE tenant = ? AND router = ?",
             leaves,
         )
-        await db.executemany("UPDATE licenses SET state = ? WHERE id = ?", self.states)
-        await _audit_many(db, self.audit)
+        # A license's state moves only from the state the gateway saw: if the
+        # tool changed it meanwhile (an activation cancelled), the gateway's
+        # change is stale and is neither stored nor audited; the tool's
+        # change reaches the gateway, which decides again from it.
+        stale = set()
+        for after, license_id, before, audit_row in self.states:
+            async with db.execute(
+                "UPDATE licenses SET state = ? WHERE id = ? AND state = ?",
+                (after, license_id, before),
+            ) as cursor:
+                if cursor.rowcount != 1:
+                    stale.add(audit_row)
+        await _audit_many(db, [r for i, r in enumerate(self.audit) if i not in stale])
 
 
 async def _insert_licenses(

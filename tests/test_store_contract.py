@@ -325,6 +325,34 @@ async def test_a_cancelled_activation_is_stored_audited_and_announced(
     assert (await store.licenses("T"))[0].activation_at == again.activation_at
 
 
+async def test_a_state_change_from_a_state_no_longer_stored_is_not_written(
+    store: Store,
+) -> None:
+    """A gateway that has not yet heard of a cancelled activation fires it:
+    the store keeps the tool's state and audits no activation."""
+    await store.add_tenant("T", "UTC", NOW)
+    lic, code = mint(Kind.BASIC_1, NOW - timedelta(days=3))
+    lic = replace(lic, tenant="T", imported_at=NOW)
+    await store.add_licenses("T", [(lic, code)], NOW, "admin")
+    at = NOW + timedelta(seconds=10)
+    scheduled = replace(lic, activation_at=at)
+    await store.save_activations("T", [scheduled], {lic.id: State.SCHEDULED}, NOW, "a")
+    await store.cancel_activations("T", [scheduled], NOW, "admin")
+
+    fired = LicenseChanged("T", lic.id, State.SCHEDULED, State.ACTIVE, at)
+    await store.apply([fired], at)
+
+    assert await store.license_states("T") == {lic.id: State.AVAILABLE}
+    events = [e.event for e in await store.audit("T", "license", lic.id)]
+    assert events == ["imported", "activated", "activation_cancelled"]
+
+    await store.save_activations("T", [scheduled], {lic.id: State.SCHEDULED}, NOW, "a")
+    await store.apply([fired], at)
+
+    assert await store.license_states("T") == {lic.id: State.ACTIVE}
+    assert (await store.audit("T", "license", lic.id))[-1].event == "active"
+
+
 async def test_cancelling_what_is_no_longer_scheduled_changes_nothing(
     store: Store,
 ) -> None:
