@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from datetime import datetime
+from typing import Any, TypeVar
 
 import psycopg
 import structlog
@@ -50,7 +52,7 @@ from gateway.service import (
     _Republish,
     system_clock,
 )
-from policy.postgres_store import Lease, LockedBatch, PostgresStore, connect
+from policy.postgres_store import Conn, Lease, LockedBatch, PostgresStore, connect
 
 log = structlog.get_logger("gateway.cluster")
 
@@ -58,7 +60,18 @@ LEADER_LOCK = 0x49524D02
 """The advisory lock whose holder is the cluster's leader."""
 
 LEADER_RETRY = 1.0
-"""Seconds between a follower's attempts to become leader."""
+"""Seconds between a follower's attempts to become leader, and between the
+leader's checks that it still holds the lock."""
+
+LEADER_CHECK = 3.0
+"""Seconds a check of the leader connection may take: a leader whose check
+goes unanswered this long (cut off from PostgreSQL) stops leading."""
+
+LEADER_IDLE_MS = 5000
+"""PostgreSQL ends the leader connection's session after this many
+milliseconds without a query (``idle_session_timeout``), and so frees the
+lock of a leader whose host died or was cut off without closing its
+connection. The connection runs a query every :data:`LEADER_RETRY`."""
 
 LEASE_SCAN = 1.0
 """Seconds between the leader's looks for leases that ran out anywhere."""
@@ -84,6 +97,7 @@ class ClusterGateway(Gateway):
         self.is_leader.clear()  # until the leader lock is ours
         self._versions: dict[str, int] = {}
         self._next_scan = 0.0
+        self._old_server_said = False
         self._peers: dict[str, str] = {}
         self._renewing: set[str] = set()
         self._seen: dict[str, int] = {}
@@ -162,27 +176,46 @@ class ClusterGateway(Gateway):
         while not stop.is_set():
             try:
                 if conn is None or conn.closed:
-                    conn = await connect(self.shared.url)
+                    conn = await _answered(self._lock_connection())
                 if self.is_leader.is_set():
-                    await conn.execute("SELECT 1")
+                    await _answered(conn.execute("SELECT 1"))
                 else:
-                    cursor = await conn.execute(
-                        "SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)
+                    cursor = await _answered(
+                        conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
                     )
                     row = await cursor.fetchone()
                     if row is not None and row[0]:
                         await self._become_leader(PostgresStore(conn, self.shared.url))
                 if self.is_leader.is_set():
                     self._take_over_dead_peers()
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, OSError, TimeoutError) as exc:
                 if self.is_leader.is_set():
-                    log.warning("leadership lost", error=str(exc))
+                    reason = str(exc) or f"no answer in {LEADER_CHECK} s"
+                    log.warning("leadership lost", error=reason)
                 self.is_leader.clear()
+                if conn is not None:
+                    _abandon(conn)
                 conn = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), LEADER_RETRY)
         if conn is not None:
             await conn.close()
+
+    async def _lock_connection(self) -> Conn:
+        """A connection for the leader lock, whose session PostgreSQL ends
+        once it has been idle for :data:`LEADER_IDLE_MS`."""
+        conn = await connect(self.shared.url)
+        try:
+            await conn.execute(f"SET idle_session_timeout = {LEADER_IDLE_MS}")
+        except psycopg.errors.UndefinedObject:
+            if not self._old_server_said:
+                self._old_server_said = True
+                log.warning(
+                    "leader lock unguarded",
+                    error="PostgreSQL before 14 has no idle_session_timeout: a "
+                    "leader whose host dies keeps the lock until TCP gives up",
+                )
+        return conn
 
     async def _become_leader(self, reader: PostgresStore) -> None:
         """Start leading from what is stored, as a restarted gateway would.
@@ -471,3 +504,40 @@ class ClusterGateway(Gateway):
 
 async def _nothing() -> None:
     return None
+
+
+T = TypeVar("T")
+
+
+async def _answered(asked: Coroutine[Any, Any, T]) -> T:
+    """``asked``'s result, or TimeoutError once :data:`LEADER_CHECK` passes.
+
+    Unlike ``asyncio.wait_for``, this does not wait for the cancelled query
+    to wind down: psycopg then tries to cancel it on the server, over the
+    same cut-off network, for many seconds more.
+    """
+    task = asyncio.ensure_future(asked)
+    done, _ = await asyncio.wait({task}, timeout=LEADER_CHECK)
+    if not done:
+        task.cancel()
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        raise TimeoutError
+    return task.result()
+
+
+def _abandon(conn: Conn) -> None:
+    """Close a connection that stopped answering, without waiting on it."""
+
+    async def close() -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), LEADER_CHECK)
+
+    task = asyncio.ensure_future(close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[Any]] = set()
+"""Closes in flight (the event loop keeps only weak references to tasks)."""
