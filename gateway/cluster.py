@@ -106,6 +106,10 @@ class ClusterGateway(Gateway):
         self._takeovers: dict[str, asyncio.Task[None]] = {}
         self._failed = False
         self._share_secret = ""
+        # Routers whose presence we published while some publish was still
+        # unacknowledged, and those of them a reconnect left to republish.
+        self._unconfirmed: set[tuple[str, str]] = set()
+        self._replayed: set[tuple[str, str]] = set()
 
     # -- life cycle ------------------------------------------------------
 
@@ -130,6 +134,8 @@ class ClusterGateway(Gateway):
         assert self._mqtt is not None
         if self._failed:
             return  # leaving: a reconnect must not subscribe or say online
+        self._replayed |= self._unconfirmed
+        self._unconfirmed = set()
         status = protocol.status_topic(self.settings.prefix, "+")
         self._mqtt.subscribe(status, retained=True)
         await super()._on_connected()
@@ -166,7 +172,53 @@ class ClusterGateway(Gateway):
     async def _republish_presence(self) -> None:
         # One gateway republishing is enough, and fewer stale copies race.
         if self.is_leader.is_set():
+            self._replayed = set()
             await super()._republish_presence()
+
+    async def _publish_presence(
+        self, tenant: str, router: str, state: str, epoch: int, reason: str,
+        now: datetime,
+    ) -> None:  # fmt: skip
+        assert self._mqtt is not None
+        if self._mqtt.unacknowledged == 0:
+            self._unconfirmed.clear()  # every earlier presence has arrived
+        self._unconfirmed.add((tenant, router))
+        await super()._publish_presence(tenant, router, state, epoch, reason, now)
+
+    async def _after_connect(self, leader: bool) -> None:
+        """The leader republishes every router; a follower what was resent."""
+        if leader:
+            await self._republish_presence()
+        elif self._replayed:
+            await self._republish_replayed(self.clock())
+
+    async def _republish_replayed(self, now: datetime) -> None:
+        """Publish again, from the store, presence a reconnect sent again.
+
+        A publish whose acknowledgement the lost connection never brought is
+        sent again after the reconnect, however old. Meanwhile another
+        gateway may have changed the router and published its presence, and
+        the leader repaired it: the old copy would stay retained. This runs
+        behind that resend (the CONNACK starts it; this waits in the
+        decider's queue, then for the tenants' locks), and under the locks,
+        so no decision slips in between.
+        """
+        pending, self._replayed = self._replayed, set()
+        async with self.shared.locked({tenant for tenant, _ in pending}) as locked:
+            await self._sync(locked, now)
+            for tenant, router in sorted(pending):
+                line = self.admission.lines.get(tenant)
+                if tenant not in locked.rows or line is None:
+                    continue
+                place = line.places.get(router)
+                if place is None:
+                    state, epoch = "offline", self.admission.epoch(tenant, router)
+                else:
+                    state = "online" if place.seated else "waiting"
+                    epoch = place.epoch
+                await self._publish_presence(
+                    tenant, router, state, epoch, "restart", now
+                )
 
     # -- leadership ----------------------------------------------------------
 
@@ -241,8 +293,8 @@ class ClusterGateway(Gateway):
 
     async def _decide(self, work: list[Work]) -> None:
         leader = self.is_leader.is_set()
-        if leader and any(isinstance(entry, _Republish) for entry in work):
-            await self._republish_presence()
+        if any(isinstance(entry, _Republish) for entry in work):
+            await self._after_connect(leader)
         now = self.clock()
         items = [entry for entry in work if isinstance(entry, _Item)]
         reloads = [e for e in work if isinstance(e, _Reload)] if leader else []

@@ -310,6 +310,12 @@ class Mqtt:
         """True while the broker connection is up."""
         return self._connected.is_set()
 
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 publishes handed to the connection and not yet acknowledged
+        by the broker; after a reconnect gmqtt sends them again."""
+        return len(self._window._messages)
+
     def give_up(self) -> None:
         """Stop waiting for the broker: publishes that cannot go out now are
         dropped, and inbound messages stay unacknowledged, so the broker

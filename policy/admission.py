@@ -342,6 +342,10 @@ class Admission:
             outcome.events += self.lines[tenant].reseat()
         return outcome
 
+    def epoch(self, tenant: str, router: str) -> int:
+        """The last epoch the router had (0 for one never seen)."""
+        return self._epochs.get((tenant, router), 0)
+
     def note_epoch(self, tenant: str, router: str, epoch: int) -> None:
         """Remember the last epoch a router had, so epochs never go back."""
         key = (tenant, router)

@@ -6,7 +6,9 @@ goodbye and its new hello arrive together, or its lease runs out (the
 batch's clock step) while its new hello waits in the same batch. These
 tests drive the decider's batches directly, on a real SQLite file and a
 real PostgreSQL, with an outbox in place of the broker, so that both
-events land in one batch every time.
+events land in one batch every time. The same outbox plays a connection
+lost before the broker acknowledged a presence, which the MQTT client sends
+again after the reconnect.
 """
 
 from __future__ import annotations
@@ -49,12 +51,25 @@ class _Outbox:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
+        # Publishes the broker has not acknowledged (the real connection's
+        # count); a test sets it to play a connection lost before the ack.
+        self.unacknowledged = 0
 
     async def publish(
         self, topic: str, payload: bytes, *, retain: bool = False,
         correlation: bytes | None = None,
     ) -> None:  # fmt: skip
         self.sent.append((topic, json.loads(payload)))
+
+    def subscribe(self, *topics: str, retained: bool = False) -> None:
+        pass
+
+    def presence(self, router: str) -> list[tuple[str, int, str]]:
+        return [
+            (p["state"], p["epoch"], p["reason"])
+            for t, p in self.sent
+            if t.endswith(f"/{router}/presence")
+        ]
 
     def told(self, router: str) -> list[tuple[str, str]]:
         return [
@@ -122,11 +137,10 @@ async def test_a_lease_run_out_and_a_new_hello_in_one_batch_keep_the_seat(
     assert rows == {"R01": "online"}
 
 
-async def test_one_seat_is_never_two_across_gateways_after_leave_and_join(
-    postgres_url: str, opened: list[Store]
-) -> None:
-    await seed_tenant(postgres_url, "T8", basic1=1, now=T0)
-    clock = [T0 + timedelta(seconds=1)]
+async def _cluster(
+    postgres_url: str, clock: list[datetime], opened: list[Store]
+) -> list[tuple[ClusterGateway, _Outbox]]:
+    """Gateways a (leading, T8's licenses loaded) and b on one PostgreSQL."""
     members: list[tuple[ClusterGateway, _Outbox]] = []
     for name in ("a", "b"):
         store = await PostgresStore.open(postgres_url)
@@ -137,10 +151,19 @@ async def test_one_seat_is_never_two_across_gateways_after_leave_and_join(
         outbox = _Outbox()
         member._mqtt = cast(Any, outbox)
         members.append((member, outbox))
-    (a, to_a), (b, to_b) = members
+    a = members[0][0]
     a.is_leader.set()
     licenses = await a.shared.licenses("T8")
     await a._decide([_Reload("T8", licenses, await a.shared.license_states("T8"))])
+    return members
+
+
+async def test_one_seat_is_never_two_across_gateways_after_leave_and_join(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    await seed_tenant(postgres_url, "T8", basic1=1, now=T0)
+    clock = [T0 + timedelta(seconds=1)]
+    (a, to_a), (b, to_b) = await _cluster(postgres_url, clock, opened)
 
     await a._decide([_item("hello", "R01", "a")])
     await a._decide([_item("goodbye", "R01", "a"), _item("hello", "R01", "b")])
@@ -189,3 +212,31 @@ async def test_a_failed_read_of_the_tools_change_is_retried_and_nothing_lost(
     assert {lic.id for lic in added} <= {lic.id for lic in reload.licenses}
     [error] = [line for line in logged if line["event"] == "store read failed"]
     assert (error["error"], error["attempt"]) == ("OSError", 1)
+
+
+async def test_presence_a_reconnect_sends_again_is_followed_by_the_stored_state(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """b's connection drops before the broker acknowledged R01's "online";
+    gmqtt sends it again after the reconnect, by when R01 has left through
+    a. b then publishes R01's stored state, so the old copy does not stay."""
+    await seed_tenant(postgres_url, "T8", basic1=2, now=T0)
+    clock = [T0 + timedelta(seconds=1)]
+    (a, to_a), (b, to_b) = await _cluster(postgres_url, clock, opened)
+    await b._decide([_item("hello", "R02", "y")])  # acknowledged, then:
+    await b._decide([_item("hello", "R01", "x")])
+    to_b.unacknowledged = 1  # the connection is lost before the ack
+    await a._decide([_item("goodbye", "R01", "x")])
+    gone = to_a.presence("R01")[-1]
+
+    mark = len(to_b.sent)
+    await b._on_connected()
+    work = []
+    while not b._queue.empty():
+        work.append(b._queue.get_nowait())
+    await b._decide(work)
+    after = [p["router"] for t, p in to_b.sent[mark:] if t.endswith("/presence")]
+
+    assert gone[0] == "offline"
+    assert to_b.presence("R01")[-1] == (gone[0], gone[1], "restart")
+    assert after == ["R01"]  # not R02, whose presence was acknowledged
