@@ -330,6 +330,7 @@ def test_activating_now_makes_a_license_active_until_its_term_ends(tool: Tool) -
 
     result = tool.ok("activate", "--tenant", "acme", "L1")
 
+    assert "tenant acme: 1 license(s) activated" in result.stdout
     assert "L1" in result.stdout
     assert "active" in result.stdout
     lic = tool.licenses()["L1"]
@@ -343,9 +344,10 @@ def test_activating_at_a_bare_date_schedules_midnight_in_the_tenant_zone(
 ) -> None:
     tool.add("acme", code("L1"))
 
-    tool.ok("activate", "--tenant", "acme", "L1", "--at", "2025-12-01")
+    said = tool.ok("activate", "--tenant", "acme", "L1", "--at", "2025-12-01")
 
     lic = tool.licenses()["L1"]
+    assert "tenant acme: 1 license(s) scheduled" in said.stdout
     assert lic["state"] == "scheduled"
     assert lic["activation_at"] == "2025-11-30T23:00:00Z"  # midnight CET
     assert lic["expires_at"] == "2026-11-30T23:00:00Z"
@@ -692,7 +694,7 @@ def test_routers_json_lists_each_router_with_its_place_in_line(tool: Tool) -> No
         ("R04", "offline", None),
     ]
     assert by_name["R04"]["epoch"] == 0
-    assert "1 online, 2 waiting, 1 offline" in table.stdout
+    assert "1 online, 3 offline (2 waiting in line)" in table.stdout
 
 
 def test_audit_json_shows_imports_and_activations_by_admin(tool: Tool) -> None:

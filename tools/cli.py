@@ -717,7 +717,7 @@ def _print_overview(view: Any) -> None:
         f"created {clock.local(view['created_at'])}",
         f"capacity now ({clock.local(view['now'])}): "
         f"{_capacity_text(now['seats'], now['tier'])}",
-        "routers: " + ", ".join(f"{routers[s]} {s}" for s in _ROUTER_STATES),
+        f"routers: {_router_summary(routers)}",
         "next change: " + _next_text(view["next_event"], kinds, clock),
     ]
     entries = [e for found in view["licenses"].values() for e in found]
@@ -1083,8 +1083,11 @@ def _print_activation(report: Any, tz: str) -> None:
         return
     invalid = [item["at"] for item in report["invalidates"]]
     clock = Clock.showing(tz, [*_license_moments(report["activated"]), *invalid])
-    count = len(report["activated"])
-    done = f"tenant {report['tenant']}: {count} license(s) activated"
+    scheduled = sum(e["state"] == State.SCHEDULED for e in report["activated"])
+    now = len(report["activated"]) - scheduled
+    parts = [f"{now} license(s) activated"] if now else []
+    parts += [f"{scheduled} license(s) scheduled"] if scheduled else []
+    done = f"tenant {report['tenant']}: {' and '.join(parts)}"
     _print(_license_table(report["activated"], clock), f"{done}, times in {tz}")
     for item in report["invalidates"]:
         click.echo(
@@ -1278,8 +1281,14 @@ def _print_routers(rows: Sequence[Any], counts: dict[str, int], tz: str) -> None
         table.add_row(
             r["router"], r["state"], place, str(r["epoch"]), clock.cell(r["since"])
         )
-    summary = ", ".join(f"{counts[s]} {s}" for s in _ROUTER_STATES)
-    _print(table, f"{summary}; times in {tz}")
+    _print(table, f"{_router_summary(counts)}; times in {tz}")
+
+
+def _router_summary(counts: dict[str, int]) -> str:
+    """As the fleet and presence say it: a waiting router is shown offline."""
+    offline = counts["waiting"] + counts["offline"]
+    waiting = counts["waiting"]
+    return f"{counts['online']} online, {offline} offline ({waiting} waiting in line)"
 
 
 @routers_group.command("register")
