@@ -110,6 +110,8 @@ class ClusterGateway(Gateway):
         # unacknowledged, and those of them a reconnect left to republish.
         self._unconfirmed: set[tuple[str, str]] = set()
         self._replayed: set[tuple[str, str]] = set()
+        # Not leading: tenants whose licenses the tool changed since we read.
+        self._licenses_stale: set[str] = set()
 
     # -- life cycle ------------------------------------------------------
 
@@ -297,7 +299,11 @@ class ClusterGateway(Gateway):
             await self._after_connect(leader)
         now = self.clock()
         items = [entry for entry in work if isinstance(entry, _Item)]
-        reloads = [e for e in work if isinstance(e, _Reload)] if leader else []
+        reloads = [e for e in work if isinstance(e, _Reload)]
+        if not leader:
+            # Read again, under the lock, when next deciding for the tenant.
+            self._licenses_stale.update(r.tenant for r in reloads)
+            reloads = []
         tenants = {item.tenant for item in items} | {r.tenant for r in reloads}
         if leader:
             tenants |= await self._due(now)
@@ -306,11 +312,9 @@ class ClusterGateway(Gateway):
         try:
             async with self.shared.locked(tenants) as locked:
                 await self._sync(locked, now)
-                renewed: list[Lease] = []
-                if leader:
-                    for reload in reloads:
-                        renewed += await self._reload(locked, reload, now, batch)
-                    batch.events += self.admission.advance(now).events
+                renewed = await self._apply_licenses(
+                    locked, reloads, now, batch, leader
+                )
                 for item in items:
                     before = len(batch.events)
                     self._decide_one(item, now, batch)
@@ -322,6 +326,7 @@ class ClusterGateway(Gateway):
             # Our copy of these lines may be ahead of what was stored.
             for tenant in tenants:
                 self._versions[tenant] = -1
+            self._licenses_stale |= tenants
             for item in items:
                 if not item.done.done():
                     item.done.set_exception(exc)
@@ -330,6 +335,54 @@ class ClusterGateway(Gateway):
         if leader and asyncio.get_running_loop().time() >= self._next_repair:
             self._next_repair = asyncio.get_running_loop().time() + REPAIR_EVERY
             await self._repair_presence(now)
+
+    async def _apply_licenses(
+        self,
+        locked: LockedBatch,
+        reloads: list[_Reload],
+        now: datetime,
+        batch: _Batch,
+        leader: bool,
+    ) -> list[Lease]:
+        """Leading: the tool's changes and what the timetable has due (and
+        the leases a new leader renews); else :meth:`_catch_up`."""
+        if not leader:
+            await self._catch_up(locked, now, batch)
+            return []
+        renewed: list[Lease] = []
+        for reload in reloads:
+            renewed += await self._reload(locked, reload, now, batch)
+        batch.events += self.admission.advance(now).events
+        return renewed
+
+    async def _catch_up(
+        self, locked: LockedBatch, now: datetime, batch: _Batch
+    ) -> None:
+        """Apply the license changes due in the tenants we decide for.
+
+        The leader applies each at its instant, but a hello decided here a
+        moment later (or while no gateway leads) must not be decided on the
+        capacity the leader last stored: at an expiry's instant the license
+        is expired. So, not leading, we read a tenant's licenses under its
+        lock when first deciding for it, after the tool changed them, and
+        whenever one of their instants has come, and apply what is due as
+        the leader would. Whoever locks the tenant first applies a change;
+        the other finds it stored (license states move only from the state
+        read, so none is applied twice).
+        """
+        for tenant in sorted(locked.rows):
+            due = self.admission.next_change(tenant)
+            if (
+                tenant in self.admission.licenses
+                and tenant not in self._licenses_stale
+                and (due is None or due > now)
+            ):
+                continue
+            licenses = await locked.licenses(tenant)
+            states = await locked.license_states(tenant)
+            outcome = self.admission.load_tenant(tenant, licenses, states, now)
+            batch.events += outcome.events
+            self._licenses_stale.discard(tenant)
 
     async def _due(self, now: datetime) -> set[str]:
         """Tenants with time-driven work: our timetable, and leases anywhere."""

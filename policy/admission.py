@@ -342,6 +342,10 @@ class Admission:
             outcome.events += self.lines[tenant].reseat()
         return outcome
 
+    def next_change(self, tenant: str) -> datetime | None:
+        """When the tenant's loaded licenses next change its capacity or state."""
+        return self._next_change.get(tenant)
+
     def epoch(self, tenant: str, router: str) -> int:
         """The last epoch the router had (0 for one never seen)."""
         return self._epochs.get((tenant, router), 0)
@@ -522,11 +526,15 @@ class Admission:
         return place.lease_until, self._wills.get((tenant, router))
 
     def compact(self) -> None:
-        """Drop stale lease entries once they outnumber the places twice over.
+        """Drop stale lease and timetable entries once they outnumber the
+        places (tenants) twice over.
 
         A gateway that adopts other writers' lines pushes an entry per change
         and, not leading, never pops them.
         """
+        if len(self._timetable) > 2 * len(self._next_change) + 1000:
+            self._timetable = [(at, t) for t, at in self._next_change.items()]
+            heapq.heapify(self._timetable)
         places = sum(len(line) for line in self.lines.values())
         if len(self._leases) > 2 * places + 1000:
             self._leases = [

@@ -274,14 +274,7 @@ class PostgresStore:
     # -- licenses ------------------------------------------------------------
 
     async def licenses(self, tenant: str) -> list[License]:
-        rows = await _all(
-            self._conn,
-            "SELECT id, l.tenant, kind, capacity, term_months, issued_at,"
-            " imported_at, activation_at, tz FROM licenses l JOIN tenants t"
-            " ON t.tenant = l.tenant WHERE l.tenant = %s ORDER BY imported_at, id",
-            (tenant,),
-        )
-        return [_license(r) for r in rows]
+        return await _licenses(self._conn, tenant)
 
     async def license_states(self, tenant: str) -> dict[str, State]:
         rows = await _all(
@@ -781,6 +774,17 @@ class PostgresStore:
         return {lid: fingerprint(codes[lid]) for lid in license_ids if lid in codes}
 
 
+async def _licenses(db: Conn, tenant: str) -> list[License]:
+    rows = await _all(
+        db,
+        "SELECT id, l.tenant, kind, capacity, term_months, issued_at,"
+        " imported_at, activation_at, tz FROM licenses l JOIN tenants t"
+        " ON t.tenant = l.tenant WHERE l.tenant = %s ORDER BY imported_at, id",
+        (tenant,),
+    )
+    return [_license(r) for r in rows]
+
+
 class LockedBatch:
     """The tenants a batch holds locked, and the writes that bump them."""
 
@@ -813,6 +817,9 @@ class LockedBatch:
                 place = Place(tenant, router, session, epoch, arrival, seated, until)
             found[tenant].append((router, epoch, place, will))
         return found
+
+    async def licenses(self, tenant: str) -> list[License]:
+        return await _licenses(self.db, tenant)
 
     async def license_states(self, tenant: str) -> dict[str, State]:
         rows = await _all(

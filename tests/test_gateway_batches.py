@@ -28,6 +28,7 @@ from gateway.cluster import ClusterGateway
 from gateway.config import Settings
 from gateway.mqtt import Inbound
 from gateway.service import Gateway, _Item, _Reload
+from policy.licenses import State
 from policy.postgres_store import PostgresStore
 from policy.store import Store
 from policy.stores import open_store
@@ -240,3 +241,31 @@ async def test_presence_a_reconnect_sends_again_is_followed_by_the_stored_state(
     assert gone[0] == "offline"
     assert to_b.presence("R01")[-1] == (gone[0], gone[1], "restart")
     assert after == ["R01"]  # not R02, whose presence was acknowledged
+
+
+async def test_a_hello_just_after_an_expiry_is_decided_on_what_is_valid_then(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """The leader a has not yet applied the expiry (its turn comes a moment
+    later) when b decides a hello one microsecond after it: b applies the
+    expiry itself, under the tenant's lock, and a then finds it done."""
+    active = await seed_tenant(postgres_url, "T8", basic1=2, now=T0)
+    expiry = active[0].expires_at
+    assert expiry is not None
+    clock = [expiry - timedelta(minutes=1)]
+    (a, to_a), (b, to_b) = await _cluster(postgres_url, clock, opened)
+    await a._decide([_item("hello", "R01", "x")])
+    await b._decide([_item("hello", "R03", "z")])  # b knows the tenant
+
+    clock[0] = expiry + timedelta(microseconds=1)
+    await b._decide([_item("hello", "R02", "y")])
+    clock[0] += timedelta(microseconds=1)
+    await a._decide([])  # the leader's turn: the expiry is due on its timetable
+    states = await a.shared.license_states("T8")
+    audit = await a.shared.audit("T8", subject="license")
+
+    assert to_b.told("R02") == [("reject", "no_valid_license")]
+    assert to_b.told("R01")[-1][0] == "reject"  # its seat ended with the licenses
+    assert not to_a.told("R01")[1:]  # told once, by b
+    assert set(states.values()) == {State.EXPIRED}
+    assert sum(e.event == "expired" for e in audit) == 2
