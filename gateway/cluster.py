@@ -52,6 +52,7 @@ from gateway.service import (
     _Republish,
     system_clock,
 )
+from policy.licenses import passed_in
 from policy.postgres_store import Conn, Lease, LockedBatch, PostgresStore, connect
 
 log = structlog.get_logger("gateway.cluster")
@@ -165,6 +166,20 @@ class ClusterGateway(Gateway):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    async def _read_changes(self) -> None:
+        """Queue a reload of each tenant the tool changed, naming it only.
+
+        The licenses are read under the tenant's lock (:meth:`_apply_licenses`):
+        a list read here could be older than one another gateway has applied.
+        """
+        version = await self.store.poll_version()
+        if version == self._version:
+            return
+        seq, tenants = await self.store.changes_after(self._change_seq)
+        for tenant in sorted(tenants):
+            self._queue.put_nowait(_Reload(tenant, [], {}))
+        self._version, self._change_seq = version, seq
+
     def _idle_timeout(self) -> float | None:
         if not self.is_leader.is_set():
             return None
@@ -202,10 +217,12 @@ class ClusterGateway(Gateway):
         gateway may have changed the router and published its presence, and
         the leader repaired it: the old copy would stay retained. This runs
         behind that resend (the CONNACK starts it; this waits in the
-        decider's queue, then for the tenants' locks), and under the locks,
-        so no decision slips in between.
+        decider's queue, then for the tenants' locks). A decision that slips
+        in between the read and the publish changes the tenant's version, so
+        the leader repairs the tenant again.
         """
         pending, self._replayed = self._replayed, set()
+        found: list[tuple[str, str, str, int]] = []
         async with self.shared.locked({tenant for tenant, _ in pending}) as locked:
             await self._sync(locked, now)
             for tenant, router in sorted(pending):
@@ -214,13 +231,15 @@ class ClusterGateway(Gateway):
                     continue
                 place = line.places.get(router)
                 if place is None:
-                    state, epoch = "offline", self.admission.epoch(tenant, router)
+                    epoch = self.admission.epoch(tenant, router)
+                    found.append((tenant, router, "offline", epoch))
                 else:
                     state = "online" if place.seated else "waiting"
-                    epoch = place.epoch
-                await self._publish_presence(
-                    tenant, router, state, epoch, "restart", now
-                )
+                    found.append((tenant, router, state, place.epoch))
+        # Published with no lock held: a publish waits while the broker is
+        # out of reach, and the other gateways must go on deciding.
+        for tenant, router, state, epoch in found:
+            await self._publish_presence(tenant, router, state, epoch, "restart", now)
 
     # -- leadership ----------------------------------------------------------
 
@@ -277,19 +296,17 @@ class ClusterGateway(Gateway):
         Every tenant's licenses are re-read (instants may have passed with
         no leader) and its line too, at its next lock. Every place gets a
         fresh lease: if the whole cluster was down, no heartbeat could be
-        heard meanwhile. ``reader`` is the leader lock's connection, so these
-        reads stay out of the decider's transactions.
+        heard meanwhile. ``reader`` is the leader lock's connection.
         """
         log.info("leading the cluster", gateway=self.settings.gateway_id)
         self._versions = dict.fromkeys(self._versions, -1)
-        tenants = await reader.tenants()
-        self._renewing = {tenant.id for tenant in tenants}
+        tenants = [tenant.id for tenant in await reader.tenants()]
+        self._renewing = set(tenants)
+        self._licenses_stale.update(tenants)
         self._repaired = {}
         self.is_leader.set()
         for tenant in tenants:
-            licenses = await reader.licenses(tenant.id)
-            states = await reader.license_states(tenant.id)
-            self._queue.put_nowait(_Reload(tenant.id, licenses, states))
+            self._queue.put_nowait(_Reload(tenant, [], {}))
 
     # -- deciding under the tenants' locks -----------------------------------------
 
@@ -299,22 +316,23 @@ class ClusterGateway(Gateway):
             await self._after_connect(leader)
         now = self.clock()
         items = [entry for entry in work if isinstance(entry, _Item)]
-        reloads = [e for e in work if isinstance(e, _Reload)]
-        if not leader:
-            # Read again, under the lock, when next deciding for the tenant.
-            self._licenses_stale.update(r.tenant for r in reloads)
-            reloads = []
-        tenants = {item.tenant for item in items} | {r.tenant for r in reloads}
+        # A reload only names a tenant whose licenses changed: they are read
+        # under its lock (see _apply_licenses), by the leader at once.
+        changed = {e.tenant for e in work if isinstance(e, _Reload)}
+        self._licenses_stale |= changed
+        tenants = {item.tenant for item in items}
         if leader:
-            tenants |= await self._due(now)
+            tenants |= changed | await self._due(now)
         batch = _Batch()
         repeated: list[_Item] = []
         try:
             async with self.shared.locked(tenants) as locked:
                 await self._sync(locked, now)
-                renewed = await self._apply_licenses(
-                    locked, reloads, now, batch, leader
-                )
+                await self._apply_licenses(locked, now, batch)
+                renewed: list[Lease] = []
+                if leader:
+                    renewed = self._renew(locked, now)
+                    batch.events += self.admission.advance(now).events
                 for item in items:
                     before = len(batch.events)
                     self._decide_one(item, now, batch)
@@ -337,38 +355,25 @@ class ClusterGateway(Gateway):
             await self._repair_presence(now)
 
     async def _apply_licenses(
-        self,
-        locked: LockedBatch,
-        reloads: list[_Reload],
-        now: datetime,
-        batch: _Batch,
-        leader: bool,
-    ) -> list[Lease]:
-        """Leading: the tool's changes and what the timetable has due (and
-        the leases a new leader renews); else :meth:`_catch_up`."""
-        if not leader:
-            await self._catch_up(locked, now, batch)
-            return []
-        renewed: list[Lease] = []
-        for reload in reloads:
-            renewed += await self._reload(locked, reload, now, batch)
-        batch.events += self.admission.advance(now).events
-        return renewed
-
-    async def _catch_up(
         self, locked: LockedBatch, now: datetime, batch: _Batch
     ) -> None:
-        """Apply the license changes due in the tenants we decide for.
+        """Apply the license changes due in the locked tenants.
 
-        The leader applies each at its instant, but a hello decided here a
-        moment later (or while no gateway leads) must not be decided on the
-        capacity the leader last stored: at an expiry's instant the license
-        is expired. So, not leading, we read a tenant's licenses under its
-        lock when first deciding for it, after the tool changed them, and
-        whenever one of their instants has come, and apply what is due as
-        the leader would. Whoever locks the tenant first applies a change;
-        the other finds it stored (license states move only from the state
-        read, so none is applied twice).
+        Every gateway does, not only the leader: a hello decided a moment
+        after an expiry, before the leader's turn or while no gateway leads,
+        must not be decided on the capacity last stored. A tenant's licenses
+        are read under its lock when first deciding for it, after the tool
+        changed them, and whenever one of their instants has come; reading
+        them earlier, outside the lock, could apply an older list over a
+        newer one another gateway stored. Whoever locks the tenant first
+        applies a change; the next finds it stored (a license's state moves
+        only from the state read, so none is applied or audited twice).
+
+        The licenses are applied at the latest instant their stored states
+        show has passed, if that is later than ``now``: our clock may have
+        been read before another gateway applied a change at its later
+        instant, or lag that gateway's clock; applying at the earlier
+        instant would take the change back.
         """
         for tenant in sorted(locked.rows):
             due = self.admission.next_change(tenant)
@@ -380,9 +385,24 @@ class ClusterGateway(Gateway):
                 continue
             licenses = await locked.licenses(tenant)
             states = await locked.license_states(tenant)
-            outcome = self.admission.load_tenant(tenant, licenses, states, now)
+            at = max(now, passed_in(licenses, states) or now)
+            outcome = self.admission.load_tenant(tenant, licenses, states, at)
             batch.events += outcome.events
-            self._licenses_stale.discard(tenant)
+            if tenant in self._licenses_stale:
+                self._licenses_stale.discard(tenant)
+                log.info("licenses reloaded", tenant=tenant)
+
+    def _renew(self, locked: LockedBatch, now: datetime) -> list[Lease]:
+        """A new leader's first lock of a tenant gives its places fresh leases."""
+        renewed = []
+        until = now + self.admission.lease
+        for tenant in sorted(self._renewing & locked.rows.keys()):
+            self._renewing.discard(tenant)
+            renewed += [
+                Lease(tenant, place.router, until, None)
+                for place in self.admission.renew_leases(tenant, until)
+            ]
+        return renewed
 
     async def _due(self, now: datetime) -> set[str]:
         """Tenants with time-driven work: our timetable, and leases anywhere."""
@@ -416,26 +436,6 @@ class ClusterGateway(Gateway):
             self.admission.next_arrival = max(
                 self.admission.next_arrival, row.next_arrival
             )
-
-    async def _reload(
-        self, locked: LockedBatch, reload: _Reload, now: datetime, batch: _Batch
-    ) -> list[Lease]:
-        """Apply a tenant's licenses; on a new leader's first, renew its leases."""
-        tenant = reload.tenant
-        if tenant not in locked.rows:
-            return []
-        states = await locked.license_states(tenant)
-        outcome = self.admission.load_tenant(tenant, reload.licenses, states, now)
-        batch.events += outcome.events
-        log.info("licenses reloaded", tenant=tenant)
-        if tenant not in self._renewing:
-            return []
-        self._renewing.discard(tenant)
-        until = now + self.admission.lease
-        return [
-            Lease(tenant, place.router, until, None)
-            for place in self.admission.renew_leases(tenant, until)
-        ]
 
     async def _write(
         self,
@@ -486,8 +486,11 @@ class ClusterGateway(Gateway):
         Two gateways publish after their own commits, so two decisions about
         one router in the same few milliseconds can reach the broker in the
         other order. Once a tenant has been unchanged for a second, the
-        routers changed since its last repair are published again from the
-        store, under the tenant's lock so no decision slips in between.
+        routers changed since its last repair are read from the store under
+        the tenant's lock and published again once it is released (a publish
+        waits while the broker is out of reach, and the other gateways must
+        go on deciding). A decision that slips in between changes the
+        tenant's version, so the tenant is repaired again once quiet.
         """
         versions = await self.shared.tenant_versions()
         quiet = set()
@@ -497,6 +500,7 @@ class ClusterGateway(Gateway):
             self._seen[tenant] = version
         if not quiet:
             return
+        found: list[tuple[str, str, str, int]] = []
         async with self.shared.locked(quiet) as locked:
             since = {tenant: self._repaired.get(tenant, -1) for tenant in locked.rows}
             changed = await locked.changed_places(since, now)
@@ -505,10 +509,10 @@ class ClusterGateway(Gateway):
                     state = "offline"
                     if place is not None:
                         state = "online" if place.seated else "waiting"
-                    await self._publish_presence(
-                        tenant, router, state, epoch, "repair", now
-                    )
+                    found.append((tenant, router, state, epoch))
                 self._repaired[tenant] = row.version
+        for tenant, router, state, epoch in found:
+            await self._publish_presence(tenant, router, state, epoch, "repair", now)
 
     # -- receiving, and the peers' sessions ---------------------------------------
 

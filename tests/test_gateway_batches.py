@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -136,6 +137,14 @@ async def test_a_lease_run_out_and_a_new_hello_in_one_batch_keep_the_seat(
 
     assert outbox.told("R01") == [("accept", "licensed"), ("accept", "licensed")]
     assert rows == {"R01": "online"}
+
+
+async def _activate(store: PostgresStore, license_id: str, at: datetime) -> None:
+    """Activate a license now, as the tool does."""
+    lic = {x.id: x for x in await store.licenses("T8")}[license_id]
+    await store.save_activations(
+        "T8", [replace(lic, activation_at=at)], {lic.id: State.ACTIVE}, at, "tool"
+    )
 
 
 async def _cluster(
@@ -269,3 +278,55 @@ async def test_a_hello_just_after_an_expiry_is_decided_on_what_is_valid_then(
     assert not to_a.told("R01")[1:]  # told once, by b
     assert set(states.values()) == {State.EXPIRED}
     assert sum(e.event == "expired" for e in audit) == 2
+
+
+async def test_a_clock_behind_an_applied_expiry_does_not_take_it_back(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """a applied the expiry; b's batch read its clock a moment before the
+    expiry (then waited for the lock, or its host's clock lags). b decides
+    on what is stored, not on the licenses at its own instant."""
+    active = await seed_tenant(postgres_url, "T8", basic1=2, now=T0)
+    expiry = active[0].expires_at
+    assert expiry is not None
+    clock = [expiry - timedelta(minutes=1)]
+    (a, to_a), (b, to_b) = await _cluster(postgres_url, clock, opened)
+    await a._decide([_item("hello", "R01", "x"), _item("hello", "R02", "y")])
+    clock[0] = expiry + timedelta(microseconds=1)
+    await a._decide([])  # the leader applies the expiry
+
+    clock[0] = expiry - timedelta(microseconds=1)
+    await b._decide([_item("hello", "R03", "z")])
+    clock[0] = expiry + timedelta(hours=1)
+    await a._decide([_item("hello", "R04", "w")])
+
+    assert to_b.told("R01") == []  # not given its seat back
+    assert to_b.told("R03") == [("reject", "no_valid_license")]
+    assert to_a.told("R04") == [("reject", "no_valid_license")]
+    assert a.admission.lines["T8"].capacity.seats == 0
+
+
+async def test_licenses_read_before_another_gateway_applied_newer_ones_are_not_applied(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """The tool activates L2, then L3; the leader hears of the first change
+    while b has already applied both: the leader takes no seat back."""
+    await seed_tenant(postgres_url, "T8", basic1=1, now=T0)
+    l2, l3 = await add_available(postgres_url, "T8", count=2)
+    clock = [T0 + timedelta(seconds=1)]
+    (a, to_a), (b, to_b) = await _cluster(postgres_url, clock, opened)
+    await a._decide([_item("hello", f"R0{i}", "s") for i in (1, 2, 3)])
+
+    clock[0] += timedelta(seconds=1)
+    await _activate(a.shared, l2.id, clock[0])
+    first = _Reload("T8", await a.shared.licenses("T8"), {})  # a's watcher read
+    await _activate(a.shared, l3.id, clock[0])
+    clock[0] += timedelta(milliseconds=100)
+    await b._decide([_Reload("T8", [], {}), _item("hello", "R04", "s")])
+    clock[0] += timedelta(milliseconds=100)
+    await a._decide([first])
+    await a._decide([_Reload("T8", [], {})])
+
+    assert to_a.told("R03") == [("reject", "capacity_exceeded")]  # at first only
+    assert to_b.told("R03") == [("accept", "licensed")]  # the seat L3 gave
+    assert a.admission.lines["T8"].capacity.seats == 3
