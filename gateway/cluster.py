@@ -52,7 +52,6 @@ from gateway.service import (
     _Republish,
     system_clock,
 )
-from policy.licenses import passed_in
 from policy.postgres_store import Conn, Lease, LockedBatch, PostgresStore, connect
 
 log = structlog.get_logger("gateway.cluster")
@@ -328,7 +327,7 @@ class ClusterGateway(Gateway):
         try:
             async with self.shared.locked(tenants) as locked:
                 await self._sync(locked, now)
-                await self._apply_licenses(locked, now, batch)
+                applied = await self._apply_licenses(locked, now, batch)
                 renewed: list[Lease] = []
                 if leader:
                     renewed = self._renew(locked, now)
@@ -338,7 +337,7 @@ class ClusterGateway(Gateway):
                     self._decide_one(item, now, batch)
                     if len(batch.events) == before and item.kind == "hello":
                         repeated.append(item)
-                await self._write(locked, batch, items, renewed, now)
+                await self._write(locked, batch, items, renewed, now, applied)
             self.admission.compact()
         except Exception as exc:
             # Our copy of these lines may be ahead of what was stored.
@@ -356,7 +355,7 @@ class ClusterGateway(Gateway):
 
     async def _apply_licenses(
         self, locked: LockedBatch, now: datetime, batch: _Batch
-    ) -> None:
+    ) -> dict[str, datetime]:
         """Apply the license changes due in the locked tenants.
 
         Every gateway does, not only the leader: a hello decided a moment
@@ -369,12 +368,14 @@ class ClusterGateway(Gateway):
         applies a change; the next finds it stored (a license's state moves
         only from the state read, so none is applied or audited twice).
 
-        The licenses are applied at the latest instant their stored states
-        show has passed, if that is later than ``now``: our clock may have
-        been read before another gateway applied a change at its later
-        instant, or lag that gateway's clock; applying at the earlier
-        instant would take the change back.
+        The licenses are applied at the instant a gateway last applied them
+        at, stored with the tenant, if that is later than ``now``: our clock
+        may have been read before another gateway applied a change at its
+        later instant, or lag that gateway's clock; applying at the earlier
+        instant would take the change back. Returns the instant applied at,
+        per tenant, to be stored.
         """
+        applied: dict[str, datetime] = {}
         for tenant in sorted(locked.rows):
             due = self.admission.next_change(tenant)
             if (
@@ -385,12 +386,14 @@ class ClusterGateway(Gateway):
                 continue
             licenses = await locked.licenses(tenant)
             states = await locked.license_states(tenant)
-            at = max(now, passed_in(licenses, states) or now)
+            at = max(now, locked.rows[tenant].licenses_at or now)
             outcome = self.admission.load_tenant(tenant, licenses, states, at)
             batch.events += outcome.events
+            applied[tenant] = at
             if tenant in self._licenses_stale:
                 self._licenses_stale.discard(tenant)
                 log.info("licenses reloaded", tenant=tenant)
+        return applied
 
     def _renew(self, locked: LockedBatch, now: datetime) -> list[Lease]:
         """A new leader's first lock of a tenant gives its places fresh leases."""
@@ -444,6 +447,7 @@ class ClusterGateway(Gateway):
         items: list[_Item],
         renewed: list[Lease],
         now: datetime,
+        applied: dict[str, datetime],
     ) -> None:
         leases = list(renewed)
         for key in dict.fromkeys((i.tenant, i.router) for i in items):
@@ -456,8 +460,9 @@ class ClusterGateway(Gateway):
             if t in self.admission.lines
         }
         versions = await locked.write(
-            batch.events, leases, now, self.admission.next_arrival, capacities
-        )
+            batch.events, leases, now, self.admission.next_arrival, capacities,
+            applied,
+        )  # fmt: skip
         self._versions.update(versions)
 
     async def _answer(

@@ -20,7 +20,7 @@ already non-redeemable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
@@ -193,34 +193,6 @@ def next_change_after(licenses: Iterable[License], now: datetime) -> datetime | 
         assert lic.expires_at is not None
         candidates.append(lic.expires_at)
     return min((c for c in candidates if c > now), default=None)
-
-
-def passed_in(
-    licenses: Iterable[License], states: Mapping[str, State]
-) -> datetime | None:
-    """The latest instant that the stored ``states`` show has passed.
-
-    A license stored as active has started, one stored as expired has
-    ended, and so on. A writer whose clock reads earlier must not apply the
-    licenses at its own instant: that would take those changes back.
-    """
-    licenses = list(licenses)
-    paid_from = paid_since(licenses)
-    passed: list[datetime] = []
-    for lic in licenses:
-        state = states.get(lic.id)
-        at: datetime | None = None
-        if state is State.ACTIVE:
-            at = lic.activation_at
-        elif state is State.EXPIRED:
-            at = lic.expires_at
-        elif state is State.NON_REDEEMABLE:
-            at = lic.stock_limit
-        elif state is State.INVALIDATED:
-            at = invalidated_at(lic, paid_from)
-        if at is not None:
-            passed.append(at)
-    return max(passed, default=None)
 
 
 def stock_rule(lic: License) -> str:

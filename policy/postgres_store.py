@@ -154,6 +154,13 @@ MIGRATIONS = [
     INSERT INTO cluster
         VALUES ('share_secret', replace(gen_random_uuid()::text, '-', ''));
     """,
+    # 4: the latest instant at which a gateway applied the tenant's licenses.
+    # Another gateway whose clock reads earlier (read before it waited for
+    # the lock, or lagging) applies them at this instant instead, so that it
+    # never takes back an expiry or activation already applied.
+    """
+    ALTER TABLE tenants ADD COLUMN licenses_at timestamptz;
+    """,
 ]
 
 GATEWAY = "gateway"
@@ -172,6 +179,8 @@ class TenantRow:
     version: int
     next_arrival: int
     capacity: Capacity
+    licenses_at: datetime | None = None
+    """The latest instant a gateway applied the tenant's licenses at."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +344,7 @@ class PostgresStore:
         actor: str,
     ) -> None:
         async with self._tx() as db:
+            await _lock_tenant(db, tenant)
             rows = []
             for lic in licenses:
                 row = await _one(
@@ -365,6 +375,7 @@ class PostgresStore:
         self, tenant: str, licenses: Sequence[License], now: datetime, actor: str
     ) -> None:
         async with self._tx() as db:
+            await _lock_tenant(db, tenant)
             rows = []
             for lic in licenses:
                 row = await _one(
@@ -471,13 +482,16 @@ class PostgresStore:
         async with self._tx() as db:
             rows = await _all(
                 db,
-                "SELECT tenant, version, next_arrival, seats, tier FROM tenants"
-                " WHERE tenant = ANY(%s) ORDER BY tenant FOR UPDATE",
+                "SELECT tenant, version, next_arrival, seats, tier, licenses_at"
+                " FROM tenants WHERE tenant = ANY(%s) ORDER BY tenant FOR UPDATE",
                 (sorted(tenants),),
             )
             found = {
                 r[0]: TenantRow(
-                    r[1], r[2], Capacity(r[3], Tier(r[4]) if r[4] else None)
+                    r[1],
+                    r[2],
+                    Capacity(r[3], Tier(r[4]) if r[4] else None),
+                    None if r[5] is None else _utc(r[5]),
                 )
                 for r in rows
             }
@@ -774,6 +788,13 @@ class PostgresStore:
         return {lid: fingerprint(codes[lid]) for lid in license_ids if lid in codes}
 
 
+async def _lock_tenant(db: Conn, tenant: str) -> None:
+    """Take the tenant's row lock, as a deciding gateway does: a gateway
+    reads a tenant's licenses and writes their states under it, so a change
+    by the tool never lands between its read and its write."""
+    await db.execute("SELECT 1 FROM tenants WHERE tenant = %s FOR UPDATE", (tenant,))
+
+
 async def _licenses(db: Conn, tenant: str) -> list[License]:
     rows = await _all(
         db,
@@ -834,8 +855,14 @@ class LockedBatch:
         now: datetime,
         next_arrival: int,
         capacities: Mapping[str, Capacity],
+        licenses_at: Mapping[str, datetime] | None = None,
     ) -> dict[str, int]:
-        """Write the batch and bump every tenant it touched; their new versions."""
+        """Write the batch and bump every tenant it touched; their new versions.
+
+        ``licenses_at``: the instant each tenant's licenses were applied at,
+        kept if later than the stored one.
+        """
+        applied = licenses_at or {}
         touched = sorted(
             ({_tenant_of(e) for e in events} | {lease.tenant for lease in leases})
             & set(self.rows)
@@ -850,13 +877,15 @@ class LockedBatch:
         async with self.db.cursor() as cur:
             await cur.executemany(
                 "UPDATE tenants SET version = %s, next_arrival = greatest("
-                "next_arrival, %s), seats = %s, tier = %s WHERE tenant = %s",
+                "next_arrival, %s), seats = %s, tier = %s,"
+                " licenses_at = greatest(licenses_at, %s) WHERE tenant = %s",
                 [
                     (
                         versions[t],
                         next_arrival,
                         capacities[t].seats,
                         _tier(capacities[t]),
+                        applied.get(t),
                         t,
                     )
                     for t in touched

@@ -330,3 +330,62 @@ async def test_licenses_read_before_another_gateway_applied_newer_ones_are_not_a
     assert to_a.told("R03") == [("reject", "capacity_exceeded")]  # at first only
     assert to_b.told("R03") == [("accept", "licensed")]  # the seat L3 gave
     assert a.admission.lines["T8"].capacity.seats == 3
+
+
+async def test_the_tools_license_changes_wait_for_a_deciding_gateways_lock(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """A gateway reads a tenant's licenses and writes their states under the
+    tenant's lock; an activation by the tool never lands in between."""
+    await seed_tenant(postgres_url, "T8", basic1=1, now=T0)
+    [l2] = await add_available(postgres_url, "T8")
+    gateway = await PostgresStore.open(postgres_url)
+    tool = await PostgresStore.open(postgres_url)
+    opened += [gateway, tool]
+
+    async with gateway.locked({"T8"}):
+        activating = asyncio.create_task(_activate(tool, l2.id, T0))
+        waited = await _until_waiting_for_a_lock(gateway, seconds=10)
+        done_while_locked = activating.done()
+    await asyncio.wait_for(activating, 10)
+
+    assert waited, "the tool's activation never waited for the tenant's lock"
+    assert not done_while_locked
+    assert (await tool.license_states("T8"))[l2.id] is State.ACTIVE
+
+
+async def _until_waiting_for_a_lock(store: PostgresStore, seconds: float) -> bool:
+    """Poll PostgreSQL until another session of this database waits on a lock."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock'"
+    )
+    while asyncio.get_running_loop().time() < deadline:
+        async with store.locked(set()) as probe:
+            row = await (await probe.db.execute(query)).fetchone()
+        if row is not None and row[0] > 0:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_tool_whose_clock_runs_ahead_expires_nothing_early(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """The tool's host reads 20 minutes ahead when it activates L2 "now": a
+    gateway applies the licenses at its own instant, not the tool's."""
+    active = await seed_tenant(postgres_url, "T8", basic25=1, now=T0)
+    expiry = active[0].expires_at
+    assert expiry is not None
+    [l2] = await add_available(postgres_url, "T8")
+    clock = [expiry - timedelta(minutes=10)]
+    (a, _), (b, _) = await _cluster(postgres_url, clock, opened)
+    await _activate(a.shared, l2.id, clock[0] + timedelta(minutes=20))
+
+    await b._decide([_Reload("T8", [], {}), _item("hello", "R01", "x")])
+    await a._decide([_Reload("T8", [], {})])
+    states = await a.shared.license_states("T8")
+
+    assert states[active[0].id] is State.ACTIVE
+    assert b.admission.lines["T8"].capacity.seats == 25
