@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import psycopg
@@ -52,6 +52,7 @@ from gateway.service import (
     _Republish,
     system_clock,
 )
+from policy.licenses import License, State, passed_in
 from policy.postgres_store import Conn, Lease, LockedBatch, PostgresStore, connect
 
 log = structlog.get_logger("gateway.cluster")
@@ -84,6 +85,9 @@ QUIET = 1.0
 
 TAKEOVER_LIMIT = 120.0
 """Seconds a takeover may run before it is given up (and tried again)."""
+
+CLOCK_TOLERANCE = timedelta(seconds=60)
+"""How far ahead of our clock another gateway's applied instant is believed."""
 
 
 class ClusterGateway(Gateway):
@@ -368,12 +372,8 @@ class ClusterGateway(Gateway):
         applies a change; the next finds it stored (a license's state moves
         only from the state read, so none is applied or audited twice).
 
-        The licenses are applied at the instant a gateway last applied them
-        at, stored with the tenant, if that is later than ``now``: our clock
-        may have been read before another gateway applied a change at its
-        later instant, or lag that gateway's clock; applying at the earlier
-        instant would take the change back. Returns the instant applied at,
-        per tenant, to be stored.
+        Returns the instant each tenant's licenses were applied at
+        (:meth:`_applying_at`), to be stored with the tenant.
         """
         applied: dict[str, datetime] = {}
         for tenant in sorted(locked.rows):
@@ -386,7 +386,9 @@ class ClusterGateway(Gateway):
                 continue
             licenses = await locked.licenses(tenant)
             states = await locked.license_states(tenant)
-            at = max(now, locked.rows[tenant].licenses_at or now)
+            at = self._applying_at(
+                now, locked.rows[tenant].licenses_at, licenses, states
+            )
             outcome = self.admission.load_tenant(tenant, licenses, states, at)
             batch.events += outcome.events
             applied[tenant] = at
@@ -394,6 +396,32 @@ class ClusterGateway(Gateway):
                 self._licenses_stale.discard(tenant)
                 log.info("licenses reloaded", tenant=tenant)
         return applied
+
+    def _applying_at(
+        self,
+        now: datetime,
+        stored: datetime | None,
+        licenses: list[License],
+        states: dict[str, State],
+    ) -> datetime:
+        """The instant to apply a tenant's licenses at: our clock, or the
+        instant a gateway last applied them at, if that is later.
+
+        Our ``now`` may have been read before another gateway applied a
+        change at its later instant, or lag that gateway's clock: applying
+        at the earlier instant would take the change back. A tenant that no
+        gateway has applied yet (a database from before the instant was
+        kept, or a tenant moved from SQLite) goes by what its stored states
+        show has passed. Another clock is believed only up to
+        :data:`CLOCK_TOLERANCE` ahead of ours: one reading far ahead once
+        must not move every later decision into the future.
+        """
+        clock = max(now, self.clock())
+        if stored is None:
+            stored = passed_in(licenses, states)
+        if stored is None:
+            return clock
+        return max(clock, min(stored, clock + CLOCK_TOLERANCE))
 
     def _renew(self, locked: LockedBatch, now: datetime) -> list[Lease]:
         """A new leader's first lock of a tenant gives its places fresh leases."""

@@ -20,7 +20,7 @@ already non-redeemable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
@@ -193,6 +193,31 @@ def next_change_after(licenses: Iterable[License], now: datetime) -> datetime | 
         assert lic.expires_at is not None
         candidates.append(lic.expires_at)
     return min((c for c in candidates if c > now), default=None)
+
+
+def passed_in(
+    licenses: Iterable[License], states: Mapping[str, State]
+) -> datetime | None:
+    """The latest instant that the stored ``states`` show has passed.
+
+    A license stored as active has started, one stored as expired has
+    ended, one stored as non-redeemable has left stock. (An invalidated
+    Cloud Free license says no more: the paid license that invalidated it
+    is stored as active or expired.)
+    """
+    passed: list[datetime] = []
+    for lic in licenses:
+        state = states.get(lic.id)
+        at: datetime | None = None
+        if state is State.ACTIVE:
+            at = lic.activation_at
+        elif state is State.EXPIRED:
+            at = lic.expires_at
+        elif state is State.NON_REDEEMABLE:
+            at = lic.stock_limit
+        if at is not None:
+            passed.append(at)
+    return max(passed, default=None)
 
 
 def stock_rule(lic: License) -> str:

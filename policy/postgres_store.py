@@ -859,8 +859,9 @@ class LockedBatch:
     ) -> dict[str, int]:
         """Write the batch and bump every tenant it touched; their new versions.
 
-        ``licenses_at``: the instant each tenant's licenses were applied at,
-        kept if later than the stored one.
+        ``licenses_at``: the instant each locked tenant's licenses were
+        applied at, kept if later than the stored one (without a new version
+        where the batch wrote nothing else).
         """
         applied = licenses_at or {}
         touched = sorted(
@@ -890,6 +891,12 @@ class LockedBatch:
                     )
                     for t in touched
                 ],
+            )
+            # Applied with nothing to write: the instant is kept all the same.
+            await cur.executemany(
+                "UPDATE tenants SET licenses_at = greatest(licenses_at, %s)"
+                " WHERE tenant = %s",
+                [(at, t) for t, at in applied.items() if t not in versions],
             )
         for tenant, version in versions.items():
             self.rows[tenant].version = version

@@ -389,3 +389,47 @@ async def test_a_tool_whose_clock_runs_ahead_expires_nothing_early(
 
     assert states[active[0].id] is State.ACTIVE
     assert b.admission.lines["T8"].capacity.seats == 25
+
+
+async def test_a_tenant_without_an_applied_instant_goes_by_its_stored_states(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """A database from before the applied instant was kept, or a tenant moved
+    from SQLite: an expiry already stored is not taken back by a clock
+    that reads a moment before it."""
+    active = await seed_tenant(postgres_url, "T8", basic1=2, now=T0)
+    expiry = active[0].expires_at
+    assert expiry is not None
+    clock = [expiry - timedelta(minutes=1)]
+    (a, _), (b, to_b) = await _cluster(postgres_url, clock, opened)
+    await a._decide([_item("hello", "R01", "x")])
+    clock[0] = expiry + timedelta(microseconds=1)
+    await a._decide([])  # the leader applies the expiry
+    async with a.shared.locked({"T8"}) as locked:
+        await locked.db.execute("UPDATE tenants SET licenses_at = NULL")
+
+    clock[0] = expiry - timedelta(microseconds=1)
+    await b._decide([_item("hello", "R03", "z")])
+
+    assert to_b.told("R03") == [("reject", "no_valid_license")]
+    assert to_b.told("R01") == []
+
+
+async def test_a_clock_once_far_ahead_does_not_move_later_decisions(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """b's host starts with its clock two years ahead and decides once; once
+    its clock is right, a license bought then is active, not expired."""
+    await seed_tenant(postgres_url, "T8", basic1=1, now=T0)
+    clock = [T0 + timedelta(days=730)]
+    (a, _), (b, _) = await _cluster(postgres_url, clock, opened)
+    await b._decide([_item("hello", "R01", "x")])
+
+    clock[0] = T0 + timedelta(seconds=2)
+    [l2] = await add_available(postgres_url, "T8")
+    await _activate(a.shared, l2.id, clock[0])
+    await a._decide([_Reload("T8", [], {}), _item("hello", "R02", "y")])
+    states = await a.shared.license_states("T8")
+
+    assert states[l2.id] is State.ACTIVE
+    assert a.admission.lines["T8"].capacity.seats == 2  # both are in their term

@@ -26,6 +26,7 @@ from policy.licenses import (
     check_redeemable,
     next_change_after,
     paid_since,
+    passed_in,
     state_at,
     transitions,
 )
@@ -130,6 +131,20 @@ def test_state_at_derives_each_state_from_instants(
     licenses: list[License], lid: str, now: datetime, expected: State
 ) -> None:
     assert state_in(licenses, lid, now) is expected
+
+
+def test_stored_states_say_the_latest_instant_that_has_passed() -> None:
+    old = lic("old", activation=at(2024, 5, 1), issued=OLD)  # ends 2025-05-01
+    stock = lic("stock", issued=at(2023, 2, 1))  # stock limit 2025-02-01
+
+    assert passed_in(FREE_THEN_PAID, {"paid": State.ACTIVE}) == at(2025, 5, 1)
+    assert passed_in(FREE_THEN_PAID, {"free": State.ACTIVE}) == at(2025, 3, 1)
+    assert passed_in(FREE_THEN_PAID, {"free": State.INVALIDATED}) is None
+    assert passed_in(FREE_THEN_PAID, {"paid": State.SCHEDULED}) is None
+    assert passed_in([old, stock], {"old": State.EXPIRED}) == at(2025, 5, 1)
+    assert passed_in([old, stock], {"stock": State.NON_REDEEMABLE}) == at(2025, 2, 1)
+    both = {"old": State.EXPIRED, "stock": State.NON_REDEEMABLE}
+    assert passed_in([old, stock], both) == at(2025, 5, 1)  # the latest
 
 
 def test_scheduled_free_is_invalidated_when_a_paid_license_starts_first() -> None:
