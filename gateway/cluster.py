@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import psycopg
@@ -89,6 +89,9 @@ TAKEOVER_LIMIT = 120.0
 CLOCK_TOLERANCE = timedelta(seconds=60)
 """How far ahead of our clock another gateway's applied instant is believed."""
 
+_UNSEEN = datetime.min.replace(tzinfo=UTC)
+"""The applied instant of a tenant whose licenses we never applied."""
+
 
 class ClusterGateway(Gateway):
     """A gateway of a cluster sharing one :class:`PostgresStore`."""
@@ -114,8 +117,10 @@ class ClusterGateway(Gateway):
         # unacknowledged, and those of them a reconnect left to republish.
         self._unconfirmed: set[tuple[str, str]] = set()
         self._replayed: set[tuple[str, str]] = set()
-        # Not leading: tenants whose licenses the tool changed since we read.
+        # Tenants whose licenses the tool changed since we read them, and the
+        # applied instant each tenant had when we last applied its licenses.
         self._licenses_stale: set[str] = set()
+        self._licenses_seen: dict[str, datetime | None] = {}
 
     # -- life cycle ------------------------------------------------------
 
@@ -366,32 +371,39 @@ class ClusterGateway(Gateway):
         after an expiry, before the leader's turn or while no gateway leads,
         must not be decided on the capacity last stored. A tenant's licenses
         are read under its lock when first deciding for it, after the tool
-        changed them, and whenever one of their instants has come; reading
-        them earlier, outside the lock, could apply an older list over a
-        newer one another gateway stored. Whoever locks the tenant first
-        applies a change; the next finds it stored (a license's state moves
-        only from the state read, so none is applied or audited twice).
+        changed them, after another gateway applied a change to them (the
+        tenant's applied instant moved), and whenever one of their instants
+        has come; reading them earlier, outside the lock, could apply an
+        older list over a newer one another gateway stored. Whoever locks
+        the tenant first applies a change; the next finds it stored (a
+        license's state moves only from the state read, so none is applied
+        or audited twice).
 
         Returns the instant each tenant's licenses were applied at
         (:meth:`_applying_at`), to be stored with the tenant.
         """
         applied: dict[str, datetime] = {}
         for tenant in sorted(locked.rows):
+            stored = locked.rows[tenant].licenses_at
             due = self.admission.next_change(tenant)
             if (
                 tenant in self.admission.licenses
                 and tenant not in self._licenses_stale
                 and (due is None or due > now)
+                and self._licenses_seen.get(tenant, _UNSEEN) == stored
             ):
                 continue
             licenses = await locked.licenses(tenant)
             states = await locked.license_states(tenant)
-            at = self._applying_at(
-                now, locked.rows[tenant].licenses_at, licenses, states
-            )
+            at = self._applying_at(now, stored, licenses, states)
             outcome = self.admission.load_tenant(tenant, licenses, states, at)
             batch.events += outcome.events
-            applied[tenant] = at
+            self._licenses_seen[tenant] = stored
+            if outcome.events:
+                # Changed: the instant is stored for every gateway to apply
+                # at no earlier one, and to read the licenses again.
+                applied[tenant] = at
+                self._licenses_seen[tenant] = at
             if tenant in self._licenses_stale:
                 self._licenses_stale.discard(tenant)
                 log.info("licenses reloaded", tenant=tenant)
@@ -405,7 +417,7 @@ class ClusterGateway(Gateway):
         states: dict[str, State],
     ) -> datetime:
         """The instant to apply a tenant's licenses at: our clock, or the
-        instant a gateway last applied them at, if that is later.
+        instant a gateway last applied a change to them at, if later.
 
         Our ``now`` may have been read before another gateway applied a
         change at its later instant, or lag that gateway's clock: applying

@@ -200,18 +200,16 @@ def passed_in(
 ) -> datetime | None:
     """The latest instant that the stored ``states`` show has passed.
 
-    A license stored as active has started, one stored as expired has
-    ended, one stored as non-redeemable has left stock. (An invalidated
-    Cloud Free license says no more: the paid license that invalidated it
-    is stored as active or expired.)
+    A license stored as expired has ended, one stored as non-redeemable has
+    left stock: only the gateways store these, at those instants. (Active
+    says less: the tool stores a license it activates now as active, from
+    its own clock.)
     """
     passed: list[datetime] = []
     for lic in licenses:
         state = states.get(lic.id)
         at: datetime | None = None
-        if state is State.ACTIVE:
-            at = lic.activation_at
-        elif state is State.EXPIRED:
+        if state is State.EXPIRED:
             at = lic.expires_at
         elif state is State.NON_REDEEMABLE:
             at = lic.stock_limit

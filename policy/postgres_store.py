@@ -859,9 +859,9 @@ class LockedBatch:
     ) -> dict[str, int]:
         """Write the batch and bump every tenant it touched; their new versions.
 
-        ``licenses_at``: the instant each locked tenant's licenses were
-        applied at, kept if later than the stored one (without a new version
-        where the batch wrote nothing else).
+        ``licenses_at``: for each locked tenant whose licenses this batch
+        applied with some change, the instant it applied them at (stored
+        without a new version where the batch wrote nothing else).
         """
         applied = licenses_at or {}
         touched = sorted(
@@ -878,25 +878,21 @@ class LockedBatch:
         async with self.db.cursor() as cur:
             await cur.executemany(
                 "UPDATE tenants SET version = %s, next_arrival = greatest("
-                "next_arrival, %s), seats = %s, tier = %s,"
-                " licenses_at = greatest(licenses_at, %s) WHERE tenant = %s",
+                "next_arrival, %s), seats = %s, tier = %s WHERE tenant = %s",
                 [
                     (
                         versions[t],
                         next_arrival,
                         capacities[t].seats,
                         _tier(capacities[t]),
-                        applied.get(t),
                         t,
                     )
                     for t in touched
                 ],
             )
-            # Applied with nothing to write: the instant is kept all the same.
             await cur.executemany(
-                "UPDATE tenants SET licenses_at = greatest(licenses_at, %s)"
-                " WHERE tenant = %s",
-                [(at, t) for t, at in applied.items() if t not in versions],
+                "UPDATE tenants SET licenses_at = %s WHERE tenant = %s",
+                [(at, t) for t, at in sorted(applied.items()) if t in self.rows],
             )
         for tenant, version in versions.items():
             self.rows[tenant].version = version

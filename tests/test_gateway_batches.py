@@ -433,3 +433,27 @@ async def test_a_clock_once_far_ahead_does_not_move_later_decisions(
 
     assert states[l2.id] is State.ACTIVE
     assert a.admission.lines["T8"].capacity.seats == 2  # both are in their term
+
+
+async def test_capacity_comes_back_after_a_clock_read_far_ahead_once(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """b's clock reads two years ahead once and stores both licenses as
+    expired; with the clocks right again and nothing changed by the tool,
+    both gateways decide on the licenses' own instants, in arrival order."""
+    await seed_tenant(postgres_url, "T8", basic1=2, now=T0)
+    clock = [T0 + timedelta(seconds=1)]
+    (a, to_a), (b, to_b) = await _cluster(postgres_url, clock, opened)
+    clock[0] = T0 + timedelta(days=730)
+    await b._decide([_item("hello", "R01", "x")])
+    told_then = to_b.told("R01")
+
+    clock[0] = T0 + timedelta(seconds=2)
+    await a._decide([_item("hello", "R02", "y")])
+    await b._decide([_item("hello", "R03", "z")])
+
+    assert told_then == [("reject", "no_valid_license")]
+    assert to_a.told("R01") == [("accept", "licensed")]  # first in line
+    assert to_a.told("R02") == [("accept", "licensed")]
+    assert to_b.told("R03") == [("reject", "capacity_exceeded")]
+    assert b.admission.lines["T8"].capacity.seats == 2
