@@ -399,9 +399,10 @@ class ClusterGateway(Gateway):
             outcome = self.admission.load_tenant(tenant, licenses, states, at)
             batch.events += outcome.events
             self._licenses_seen[tenant] = stored
-            if outcome.events:
-                # Changed: the instant is stored for every gateway to apply
-                # at no earlier one, and to read the licenses again.
+            if outcome.events or (stored is not None and stored > at):
+                # Changed, or the stored instant is beyond belief: ours is
+                # stored for every gateway to apply at no earlier one, and
+                # to read the licenses again.
                 applied[tenant] = at
                 self._licenses_seen[tenant] = at
             if tenant in self._licenses_stale:

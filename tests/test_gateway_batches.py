@@ -29,7 +29,7 @@ from gateway.cluster import ClusterGateway
 from gateway.config import Settings
 from gateway.mqtt import Inbound
 from gateway.service import Gateway, _Item, _Reload
-from policy.licenses import State
+from policy.licenses import License, State
 from policy.postgres_store import PostgresStore
 from policy.store import Store
 from policy.stores import open_store
@@ -457,3 +457,41 @@ async def test_capacity_comes_back_after_a_clock_read_far_ahead_once(
     assert to_a.told("R02") == [("accept", "licensed")]
     assert to_b.told("R03") == [("reject", "capacity_exceeded")]
     assert b.admission.lines["T8"].capacity.seats == 2
+
+
+async def test_a_leader_whose_clock_read_far_ahead_once_applies_a_later_start(
+    postgres_url: str, opened: list[Store]
+) -> None:
+    """The leader decides once at a clock two years ahead, which changes no
+    capacity (its one license is still to start); once another gateway has
+    decided with a right clock, the leader applies that start on time."""
+    await seed_tenant(postgres_url, "T8", expired_basic1=1, now=T0)
+    [l1] = await add_available(postgres_url, "T8")
+    start = T0 + timedelta(days=1)
+    stored = {x.id: x for x in await opened_store(postgres_url, opened)}[l1.id]
+    await opened[-1].save_activations(
+        "T8", [replace(stored, activation_at=start)], {l1.id: State.SCHEDULED},
+        T0, "tool",
+    )  # fmt: skip
+    clock = [T0 + timedelta(seconds=1)]
+    (a, to_a), (b, _) = await _cluster(postgres_url, clock, opened)
+    clock[0] = T0 + timedelta(days=730)
+    await a._decide([_item("hello", "R00", "s")])
+
+    clock[0] = T0 + timedelta(seconds=2)
+    await b._decide([_item("hello", "R01", "x")])
+    clock[0] = start + timedelta(seconds=10)
+    await a._decide([])  # the leader's turn at the start
+    await a._decide([_item("hello", "R02", "y")])
+
+    assert a.admission.lines["T8"].capacity.seats == 1
+    # R00's lease, given at the far-ahead instant, still runs; R01's ran out.
+    assert to_a.told("R00")[-1] == ("accept", "licensed")
+    assert to_a.told("R02") == [("reject", "capacity_exceeded")]
+
+
+async def opened_store(url: str, opened: list[Store]) -> list[License]:
+    """The licenses of T8, read through a store left open in ``opened``."""
+    store = await PostgresStore.open(url)
+    opened.append(store)
+    return await store.licenses("T8")
