@@ -468,7 +468,7 @@ async def test_a_leader_whose_clock_read_far_ahead_once_applies_a_later_start(
     await seed_tenant(postgres_url, "T8", expired_basic1=1, now=T0)
     [l1] = await add_available(postgres_url, "T8")
     start = T0 + timedelta(days=1)
-    stored = {x.id: x for x in await opened_store(postgres_url, opened)}[l1.id]
+    stored = {x.id: x for x in await _t8_licenses(postgres_url, opened)}[l1.id]
     await opened[-1].save_activations(
         "T8", [replace(stored, activation_at=start)], {l1.id: State.SCHEDULED},
         T0, "tool",
@@ -490,7 +490,7 @@ async def test_a_leader_whose_clock_read_far_ahead_once_applies_a_later_start(
     assert to_a.told("R02") == [("reject", "capacity_exceeded")]
 
 
-async def opened_store(url: str, opened: list[Store]) -> list[License]:
+async def _t8_licenses(url: str, opened: list[Store]) -> list[License]:
     """The licenses of T8, read through a store left open in ``opened``."""
     store = await PostgresStore.open(url)
     opened.append(store)
