@@ -174,19 +174,11 @@ class ClusterGateway(Gateway):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    async def _read_changes(self) -> None:
-        """Queue a reload of each tenant the tool changed, naming it only.
-
-        The licenses are read under the tenant's lock (:meth:`_apply_licenses`):
-        a list read here could be older than one another gateway has applied.
-        """
-        version = await self.store.poll_version()
-        if version == self._version:
-            return
-        seq, tenants = await self.store.changes_after(self._change_seq)
-        for tenant in sorted(tenants):
-            self._queue.put_nowait(_Reload(tenant, [], {}))
-        self._version, self._change_seq = version, seq
+    async def _reload_of(self, tenant: str) -> _Reload:
+        """A reload that only names the tenant: its licenses are read under
+        its lock (:meth:`_apply_licenses`), as a list read here could be
+        older than one another gateway has applied."""
+        return _Reload(tenant, [], {})
 
     def _idle_timeout(self) -> float | None:
         if not self.is_leader.is_set():
@@ -314,7 +306,7 @@ class ClusterGateway(Gateway):
         self._repaired = {}
         self.is_leader.set()
         for tenant in tenants:
-            self._queue.put_nowait(_Reload(tenant, [], {}))
+            self._queue.put_nowait(await self._reload_of(tenant))
 
     # -- deciding under the tenants' locks -----------------------------------------
 

@@ -610,14 +610,16 @@ class Gateway:
         if version == self._version:
             return
         seq, tenants = await self.store.changes_after(self._change_seq)
-        reloads = []
-        for tenant in sorted(tenants):
-            licenses = await self.store.licenses(tenant)
-            states = await self.store.license_states(tenant)
-            reloads.append(_Reload(tenant, licenses, states))
+        reloads = [await self._reload_of(tenant) for tenant in sorted(tenants)]
         for reload in reloads:
             self._queue.put_nowait(reload)
         self._version, self._change_seq = version, seq
+
+    async def _reload_of(self, tenant: str) -> _Reload:
+        """A tenant's licenses as the tool left them, read for the decider."""
+        licenses = await self.store.licenses(tenant)
+        states = await self.store.license_states(tenant)
+        return _Reload(tenant, licenses, states)
 
     # -- publishing -------------------------------------------------------------
 

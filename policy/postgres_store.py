@@ -154,10 +154,10 @@ MIGRATIONS = [
     INSERT INTO cluster
         VALUES ('share_secret', replace(gen_random_uuid()::text, '-', ''));
     """,
-    # 4: the latest instant at which a gateway applied the tenant's licenses.
-    # Another gateway whose clock reads earlier (read before it waited for
-    # the lock, or lagging) applies them at this instant instead, so that it
-    # never takes back an expiry or activation already applied.
+    # 4: the instant at which a gateway last applied a change to the
+    # tenant's licenses. Another gateway whose clock reads earlier (read
+    # before it waited for the lock, or lagging) applies them at this instant
+    # instead, so that it never takes back an expiry or activation applied.
     """
     ALTER TABLE tenants ADD COLUMN licenses_at timestamptz;
     """,
@@ -180,7 +180,7 @@ class TenantRow:
     next_arrival: int
     capacity: Capacity
     licenses_at: datetime | None = None
-    """The latest instant a gateway applied the tenant's licenses at."""
+    """The instant a gateway last applied a change to the tenant's licenses."""
 
 
 @dataclass(frozen=True, slots=True)

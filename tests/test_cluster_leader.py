@@ -77,11 +77,18 @@ async def cutoff(postgres_url: str) -> AsyncIterator[tuple[_Cutoff, str]]:
     await proxy.close()
 
 
-async def _until(check: object, seconds: float) -> bool:
-    """Poll ``check()`` every 0.1 s for at most ``seconds``."""
-    assert callable(check)
+async def _led(member: ClusterGateway, seconds: float) -> bool:
+    """Whether ``member`` leads within ``seconds``."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(member.is_leader.wait(), seconds)
+    return member.is_leader.is_set()
+
+
+async def _stops_leading(member: ClusterGateway, seconds: float) -> bool:
+    """Whether ``member`` stops leading within ``seconds``, polled: an
+    ``asyncio.Event`` can be awaited being set, not being cleared."""
     deadline = asyncio.get_running_loop().time() + seconds
-    while not check():
+    while member.is_leader.is_set():
         if asyncio.get_running_loop().time() > deadline:
             return False
         await asyncio.sleep(0.1)
@@ -106,12 +113,12 @@ async def test_a_leader_cut_off_from_postgresql_hands_the_lead_over(
             members.append(member)
         a, b = members
         leading.append(asyncio.create_task(a._lead(stops[0])))
-        assert await _until(a.is_leader.is_set, 10), "a never led"
+        assert await _led(a, 10), "a never led"
         leading.append(asyncio.create_task(b._lead(stops[1])))
 
         proxy.cut()
-        b_leads = await _until(b.is_leader.is_set, 20)
-        a_stopped = await _until(lambda: not a.is_leader.is_set(), 5)
+        b_leads = await _led(b, 20)
+        a_stopped = await _stops_leading(a, 5)
     finally:
         for stop in stops:
             stop.set()
